@@ -1,0 +1,88 @@
+"""Assemble an EVA-CLIP as open_clip's ``CustomTextCLIP`` (timm vision tower + open_clip text tower)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+from .specs import ClipSpec, open_clip_model_cfg
+
+
+def _imports():
+    # open_clip/timm/torchvision are imported before any zero.Init context (DeepSpeed trap: dynamo import inside it)
+    import open_clip  # noqa: F401
+    import timm  # noqa: F401
+    import torch
+
+    import evaclip_cli  # noqa: F401  (registers towers, patches open_clip)
+    return torch
+
+
+def build_clip(spec: ClipSpec, device: str = "cpu", zero_init: Optional[dict] = None, grad_checkpointing=False):
+    """Build the CLIP for ``spec``.
+
+    ``device="meta"`` builds without allocating (parameter counts, estimates). ``zero_init`` (a DeepSpeed config
+    dict) builds under ``deepspeed.zero.Init`` so each rank only ever holds its partition.
+    """
+    torch = _imports()
+    from open_clip.model import CustomTextCLIP
+
+    cfg = open_clip_model_cfg(spec)
+    cfg.pop("custom_text")
+    if zero_init is not None:
+        import deepspeed
+
+        ctx = deepspeed.zero.Init(config_dict_or_path=zero_init)
+    elif device == "meta":
+        ctx = torch.device("meta")
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        model = CustomTextCLIP(**cfg)
+    if device not in ("meta", "cpu") and zero_init is None:
+        model = model.to(device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def count_params(model) -> int:
+    """Parameters, counting ZeRO-3 partitioned ones by their full size."""
+    total = 0
+    for p in model.parameters():
+        total += getattr(p, "ds_numel", None) or p.numel()
+    return total
+
+
+def tower_params(model) -> dict:
+    vision = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.visual.parameters())
+    text = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.text.parameters())
+    total = count_params(model)
+    return {"vision": vision, "text": text, "other": total - vision - text, "total": total}
+
+
+def resample_pos_embed(pos_embed, new_grid: int, num_prefix_tokens: int = 1):
+    """Bicubic resampling of a ViT position embedding [1, prefix + g*g, C] to a new grid (CLIPA fine-tuning,
+    336/448 variants). Prefix (CLS) tokens are kept as they are."""
+    import torch
+    import torch.nn.functional as F
+
+    n = pos_embed.shape[1] - num_prefix_tokens
+    old = int(math.isqrt(n))
+    if old * old != n:
+        raise ValueError(f"position embedding has {n} patch tokens, not a square grid")
+    if old == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dtype = grid.dtype
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=old > new_grid)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def adapt_state_dict_resolution(state: dict, spec: ClipSpec, key: str = "visual.trunk.pos_embed") -> dict:
+    """Resample ``key`` in an open_clip-layout state dict to ``spec``'s image size, if it differs."""
+    if key in state:
+        state[key] = resample_pos_embed(state[key], spec.vision.grid)
+    return state

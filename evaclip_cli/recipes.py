@@ -1,0 +1,489 @@
+"""Recipes: TOML files validated by one pydantic schema, with ``extends`` and ``section.key=value`` overrides.
+
+Shipped recipes live in ``evaclip_cli/recipe_files/`` (the repo's top-level ``recipes/`` points there), so
+``--recipe 18b`` works from any directory; a path to a ``.toml`` works too.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .models.specs import ClipSpec, resolve_arch
+
+RECIPE_DIR = Path(__file__).parent / "recipe_files"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+class VisionOverrides(_Section):
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    norm: Optional[Literal["rms", "layer"]] = None
+    qkv_bias: Optional[bool] = None
+    qkv_fused: Optional[bool] = None
+    post_norm: Optional[bool] = None
+    rope: Optional[bool] = None
+    swiglu: Optional[bool] = None
+    subln: Optional[bool] = None
+    rope_ref_size: Optional[int] = None
+    head_bias: Optional[bool] = None
+    drop_path: float = 0.0
+
+
+class TextOverrides(_Section):
+    width: Optional[int] = None
+    heads: Optional[int] = None
+    layers: Optional[int] = None
+    context_length: Optional[int] = None
+    vocab_size: Optional[int] = None
+
+
+class ModelSection(_Section):
+    arch: str = "tiny"  # 18b, 8b, 5b, b16, tiny, h14 or a reference config name (EVA-CLIP-18B, ...)
+    embed_dim: Optional[int] = None
+    vision: VisionOverrides = Field(default_factory=VisionOverrides)
+    text: TextOverrides = Field(default_factory=TextOverrides)
+    grad_checkpointing: bool = False
+
+    def spec(self) -> ClipSpec:
+        base = resolve_arch(self.arch)
+        v = {k: val for k, val in self.vision.model_dump().items() if val is not None and k != "drop_path"}
+        t = {k: val for k, val in self.text.model_dump().items() if val is not None}
+        upd: dict = {"vision": base.vision.model_copy(update=v), "text": base.text.model_copy(update=t)}
+        if self.embed_dim is not None:
+            upd["embed_dim"] = self.embed_dim
+        return base.model_copy(update=upd)
+
+
+# ------------------------------------------------------------------------------------------------------------- init
+class InitSection(_Section):
+    vision: Optional[str] = None  # distilled student (MIM layout) or evaclip/open_clip checkpoint
+    text: Optional[str] = None  # EVA .pt or open_clip folder whose text tower initialises ours
+    text_arch: Optional[str] = None  # released name for an EVA .pt without config (e.g. EVA02-CLIP-bigE-14-plus)
+    skip: list[str] = Field(default_factory=lambda: ["head", "lm_head", "mask_token", "rope", "fc_norm"])
+
+    @field_validator("vision", "text", "text_arch")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return v or None
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+class Source(_Section):
+    shards: str  # brace-expandable webdataset URL/path, or a CSV manifest for video
+    weight: float = 1.0
+    kind: Literal["image", "video"] = "image"
+
+
+class AugSection(_Section):
+    scale: tuple[float, float] = (0.9, 1.0)
+    hflip: bool = False
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+
+class DataSection(_Section):
+    train: list[Source] = Field(default_factory=list)
+    val: Optional[str] = None
+    demo: bool = False  # train on the embedded demo data (made on the fly when missing)
+    samples: int = 0  # total training samples seen (0: one pass for epoch-based data)
+    global_batch: int = 256
+    micro_batch: int = 32  # per GPU per step; accumulation = global / (micro * gpus)
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    workers: int = 2
+    aug: AugSection = Field(default_factory=AugSection)
+
+    @field_validator("global_batch", "micro_batch")
+    @classmethod
+    def _positive(cls, v):
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+
+# -------------------------------------------------------------------------------------------------------- optimizer
+class OptimizerSection(_Section):
+    name: Literal["lamb", "adamw"] = "adamw"
+    lr: float = 5e-4  # vision (or whole-model) lr
+    text_lr: Optional[float] = None  # default: lr
+    weight_decay: float = 0.05
+    text_weight_decay: Optional[float] = None
+    layer_decay: float = 1.0  # vision layer-wise lr decay (1: off)
+    text_layer_decay: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+
+
+class ScheduleSection(_Section):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+# -------------------------------------------------------------------------------------------------------- deepspeed
+class DeepSpeedSection(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float = 1.0  # always written to the DeepSpeed config (its default changed to 1.0)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    zero_init: bool = True  # build the model sharded under zero.Init at stage 3
+    extra: dict[str, Any] = Field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+# ---------------------------------------------------------------------------------------------------------- tokens
+class ImageTokens(_Section):
+    method: Literal["none", "resize", "random", "grid", "block"] = "none"
+    image_size: Optional[int] = None  # resize: train at this resolution (position embedding resampled)
+    keep_ratio: float = 1.0  # random/grid/block masking: fraction of patches kept
+
+    @field_validator("keep_ratio")
+    @classmethod
+    def _ratio(cls, v):
+        if not 0.0 < v <= 1.0:
+            raise ValueError("keep_ratio must be in (0, 1]")
+        return v
+
+
+class TextTokens(_Section):
+    method: Literal["none", "truncate", "random", "block", "syntax"] = "none"
+    length: Optional[int] = None  # tokens kept (incl. SOT/EOT)
+
+
+class TokensSection(_Section):
+    """CLIPA-v2 token reduction ("inverse scaling"): fewer image/text tokens per sample while training."""
+
+    image: ImageTokens = Field(default_factory=ImageTokens)
+    text: TextTokens = Field(default_factory=TextTokens)
+
+
+# --------------------------------------------------------------------------------------------------------- distill
+class DistillSection(_Section):
+    teacher: Optional[str] = None  # open_clip folder, EVA .pt, evaclip checkpoint
+    teacher_arch: str = "5b"  # arch of the teacher (or its reference config name)
+    mask_ratio: float = 0.4
+    min_mask_patches: int = 16
+    mask_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    teacher_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+    @field_validator("teacher")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return v or None
+
+
+# ----------------------------------------------------------------------------------------------------------- video
+class VideoSection(_Section):
+    frames: int = 8
+    image_weight: float = 1.0  # image shards mixed in by weight
+    video_weight: float = 1.0
+    jitter: bool = True
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+class EvalDataset(_Section):
+    name: str
+    path: str
+    task: Literal["zeroshot", "retrieval", "video"] = "zeroshot"
+
+
+class EvalSection(_Section):
+    every_steps: int = 0  # 0: only at the end
+    datasets: list[EvalDataset] = Field(default_factory=list)
+    batch_size: int = 256
+
+
+# --------------------------------------------------------------------------------------------------------- logging
+class LoggingSection(_Section):
+    out_dir: str = "runs/{name}"
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    tensorboard: bool = True
+    max_bad_steps: int = 10  # consecutive NaN/inf losses before the run stops
+
+
+# --------------------------------------------------------------------------------------------------------- compute
+class ComputeSection(_Section):
+    """The cluster the recipe was written for; ``estimate`` uses it (and ``--gpu/--gpus/--hours`` override)."""
+
+    gpu: Literal["a100-40g", "a100-80g", "h100"] = "a100-40g"
+    gpus: int = 8
+    reported_hours: Optional[float] = None  # wall-clock hours the paper reports for this recipe
+
+
+class Recipe(_Section):
+    name: str = "unnamed"
+    description: str = ""
+    stage: Literal["train", "distill", "video"] = "train"
+    model: ModelSection = Field(default_factory=ModelSection)
+    init: InitSection = Field(default_factory=InitSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    tokens: TokensSection = Field(default_factory=TokensSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    video: VideoSection = Field(default_factory=VideoSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+
+    @model_validator(mode="after")
+    def _check(self):
+        spec = self.model.spec()
+        v = spec.vision
+        if v.width % v.heads:
+            raise ValueError(f"model.vision.width {v.width} is not divisible by heads {v.heads}")
+        if v.image_size % v.patch_size:
+            raise ValueError(f"model.vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if self.data.global_batch % self.data.micro_batch:
+            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of data.micro_batch "
+                             f"{self.data.micro_batch}")
+        img = self.tokens.image
+        if img.method == "resize" and not img.image_size:
+            raise ValueError("tokens.image.method = 'resize' needs tokens.image.image_size")
+        if img.method == "resize" and img.image_size % v.patch_size:
+            raise ValueError(f"tokens.image.image_size {img.image_size} is not a multiple of patch_size {v.patch_size}")
+        if self.tokens.text.method != "none" and not self.tokens.text.length:
+            raise ValueError(f"tokens.text.method = '{self.tokens.text.method}' needs tokens.text.length")
+        return self
+
+    # ---- derived quantities shared by train / estimate ----------------------------------------------------------
+    def spec(self) -> ClipSpec:
+        return self.model.spec()
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.data.samples / self.data.global_batch) if self.data.samples else 0
+
+    def train_image_size(self) -> int:
+        t = self.tokens.image
+        return t.image_size if t.method == "resize" else self.spec().vision.image_size
+
+    def image_tokens(self) -> int:
+        """Sequence length the vision tower sees while training (CLS included), after token reduction."""
+        v = self.spec().vision
+        grid = self.train_image_size() // v.patch_size
+        patches = grid * grid
+        if self.tokens.image.method in ("random", "grid", "block"):
+            patches = max(1, int(patches * self.tokens.image.keep_ratio))
+        return patches + 1
+
+    def text_tokens(self) -> int:
+        t = self.tokens.text
+        ctx = self.spec().text.context_length
+        return min(ctx, t.length) if t.method != "none" and t.length else ctx
+
+    def out_dir(self) -> Path:
+        return Path(self.logging.out_dir.format(name=self.name))
+
+
+# ====================================================================================================== loading
+class Loaded:
+    """A resolved recipe plus where each key came from."""
+
+    def __init__(self, recipe: Recipe, raw: dict, sources: dict[str, str], chain: list[str]):
+        self.recipe, self.raw, self.sources, self.chain = recipe, raw, sources, chain
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def find_recipe(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
+    p = Path(name_or_path)
+    candidates = []
+    if p.suffix == ".toml" or p.exists():
+        if relative_to is not None and not p.is_absolute():
+            candidates.append(relative_to / p)
+        candidates.append(p)
+    else:
+        if relative_to is not None:
+            candidates.append(relative_to / f"{name_or_path}.toml")
+        candidates.append(RECIPE_DIR / f"{name_or_path}.toml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"recipe '{name_or_path}' not found{hint}: give a shipped name ({', '.join(builtin_names())}) "
+                    "or a path to a .toml file")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> tuple[dict, dict[str, str], list[str]]:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: 'extends' forms a cycle ({' -> '.join(p.name for p in (*seen, path))})")
+    raw = _read_toml(path)
+    parent_name = raw.pop("extends", None)
+    if parent_name is not None and not isinstance(parent_name, str):
+        raise UserError(f"{path}: 'extends' must be a recipe name or path (a string)")
+    if parent_name:
+        parent_path = find_recipe(parent_name, relative_to=path.parent)
+        base, sources, chain = _load_chain(parent_path, (*seen, path))
+    else:
+        base, sources, chain = {}, {}, []
+    for key in _flatten(raw):
+        sources[key] = str(path)
+    merged = _merge(base, raw)
+    if "name" not in raw:
+        merged["name"] = path.stem
+    return merged, sources, [*chain, str(path)]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: TOML syntax if it parses (numbers, booleans, arrays, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, sources: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form section.key=value (e.g. optimizer.lr=1e-4)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"override '{item}': empty key segment")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"override '{item}': '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = parse_value(value)
+        sources[key] = "command line"
+    return raw
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys of the schema section at ``loc`` (for 'did you mean')."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cand = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        for a in args:
+            cand += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        if not cand:
+            return []
+        model = cand[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def _explain(err: ValidationError, sources: dict[str, str], default_src: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    src = sources.get(dotted) or default_src
+    if e["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1]) + '.' if len(loc) > 1 else ''}{close[0]}'?" \
+            if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"{src}: unknown key '{dotted}'{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"{src}: {msg}"
+    return f"{src}: '{dotted}': {msg} (got {e.get('input')!r})"
+
+
+def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Loaded:
+    path = find_recipe(name_or_path)
+    raw, sources, chain = _load_chain(path)
+    raw = apply_overrides(raw, sources, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_explain(err, sources, str(path))) from None
+    except UserError as err:  # e.g. unknown model.arch, raised while resolving the spec
+        src = sources.get("model.arch", str(path))
+        raise UserError(f"{src}: {err}") from None
+    return Loaded(recipe, raw, sources, chain)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    import tomli_w
+
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)
+
+
+def describe(path: Path) -> str:
+    raw = _read_toml(path)
+    return str(raw.get("description", ""))
+
+
+def copy_recipe(name: str, dest: Union[str, Path], overrides: Optional[list[str]] = None, force=False) -> Path:
+    """Write the resolved recipe (extends flattened) to DEST so it can be edited on its own."""
+    loaded = load_recipe(name, overrides)
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / f"{loaded.recipe.name}.toml"
+    if dest.exists() and not force:
+        raise UserError(f"{dest} exists; pass --force to overwrite")
+    header = f"# copied from recipe '{name}' by evaclip recipes cp; extends resolved\n"
+    text = header + recipe_to_toml(loaded.recipe)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(dest)
+    except OSError as e:
+        raise UserError(f"cannot write {dest} ({e.strerror})") from None
+    return dest
