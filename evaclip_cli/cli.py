@@ -127,6 +127,7 @@ class SrcFormat(str, Enum):
     eva = "eva"
     deepspeed = "deepspeed"
     open_clip = "open_clip"
+    timm = "timm"
 
 
 class DstFormat(str, Enum):
@@ -148,7 +149,8 @@ def _complete_model(incomplete: str):
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="EVA .pt/.bin/.safetensors, DeepSpeed checkpoint folder, or open_clip folder."),
+    src: Path = typer.Argument(..., help="EVA .pt/.bin/.safetensors (CLIP or MIM), DeepSpeed checkpoint folder, "
+                               "open_clip folder, or a timm tower folder evaclip wrote."),
     dst: Path = typer.Argument(..., help="Output: an open_clip folder (--to open_clip) or a .pt/.safetensors file."),
     src_format: SrcFormat = typer.Option(SrcFormat.auto, "--from", help="Source layout (auto: detected)."),
     dst_format: DstFormat = typer.Option(DstFormat.open_clip, "--to", help="Target layout."),

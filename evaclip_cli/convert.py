@@ -100,8 +100,10 @@ def save_safetensors_sharded(state: dict, folder: Path, weights_name: str, index
     """Write ``state`` as one safetensors file, or as shards + an index (the Hub's convention) above the limit."""
     from safetensors.torch import save_file
 
+    import torch
+
     sizes = {k: v.numel() * (v.element_size() if dtype is None or not v.is_floating_point()
-                             else _cast(v[:0], dtype).element_size()) for k, v in state.items()}
+                             else torch.empty((), dtype=dtype).element_size()) for k, v in state.items()}
     total = sum(sizes.values())
     groups: list[list[str]] = [[]]
     acc = 0
@@ -250,6 +252,14 @@ def resolve_spec(src: Path, fmt: str, eva_config: Optional[Path], model: Optiona
         return load_recipe(recipe).recipe.spec()
     if fmt == "open_clip":
         return spec_from_open_clip_cfg(read_json(src / CONFIG_NAME, "open_clip config"))
+    if fmt == "timm":
+        cfg = read_json(src / "config.json", "timm config")
+        vision = cfg.get("evaclip", {}).get("vision_spec")
+        if vision is None:
+            raise UserError(f"{src}: a timm folder not written by evaclip; pass --eva-config or --model")
+        from .models.specs import VisionSpec
+
+        return ClipSpec(vision=VisionSpec(**vision))
     if fmt == "deepspeed":
         found = _find_recipe_near(src)
         if found is not None:
@@ -261,14 +271,25 @@ def resolve_spec(src: Path, fmt: str, eva_config: Optional[Path], model: Optiona
                     "(the reference repo's model config) or --model NAME (e.g. EVA-CLIP-18B)")
 
 
+def _is_timm_folder(path: Path) -> bool:
+    try:
+        return "architecture" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def detect_format(src: Path, requested: str) -> str:
     if not src.exists():
         raise UserError(f"{src}: no such file or directory")
+    if requested == "open_clip" and src.is_dir() and not (src / CONFIG_NAME).is_file() and _is_timm_folder(src):
+        return "timm"  # a vision tower folder evaclip wrote (MIM student)
     if requested != "auto":
         return requested
     if src.is_dir():
         if (src / CONFIG_NAME).is_file():
             return "open_clip"
+        if (src / "config.json").is_file() and _is_timm_folder(src):
+            return "timm"
         if is_deepspeed_dir(src):
             return "deepspeed"
         raise UserError(f"{src}: a folder that is neither an open_clip folder ({CONFIG_NAME}) nor a DeepSpeed "
@@ -291,6 +312,17 @@ def load_source(src: Path, fmt: str, spec: ClipSpec) -> tuple[dict, dict, str]:
                 raise UserError(f"{src}: no {WEIGHTS_NAME} or {INDEX_NAME}")
         else:
             state = load_state_dict(src)
+    elif fmt == "timm":
+        from .models.openclip_compat import load_sharded_safetensors
+
+        if (src / "model.safetensors").is_file():
+            trunk = load_state_dict(src / "model.safetensors")
+        elif (src / "model.safetensors.index.json").is_file():
+            trunk = load_sharded_safetensors(src / "model.safetensors.index.json")
+        else:
+            raise UserError(f"{src}: no model.safetensors in the timm folder")
+        extras = load_state_dict(src / "mim_extras.safetensors") if (src / "mim_extras.safetensors").is_file() else {}
+        return {"visual.trunk." + k: v for k, v in trunk.items()}, extras, "mim" if extras else "open_clip_visual"
     elif fmt == "deepspeed":
         if not src.is_dir():
             raise UserError(f"{src}: --from deepspeed needs a checkpoint folder")
@@ -318,24 +350,18 @@ def _expected_state(spec: ClipSpec) -> dict:
 
 
 def _fit_to_expected(state: dict, expected: dict, where: str, vision_only: bool) -> dict:
-    from .models.clip import resample_pos_embed
-
     if vision_only:
         expected = {k: v for k, v in expected.items() if k.startswith("visual.trunk.")}
         state = {k: v for k, v in state.items() if k.startswith("visual.trunk.")}
     key = "visual.trunk.pos_embed"
-    if key in state and key in expected and state[key].shape != expected[key].shape:
+    if key in state and key in expected and state[key].shape[-1] == expected[key].shape[-1] \
+            and state[key].shape != expected[key].shape:
         raise UserError(f"{where}: position embedding {tuple(state[key].shape)} does not match the config's image "
-                        f"size ({tuple(expected[key].shape)}); fix image_size in the config (train resamples it)") \
-            if state[key].shape[-1] != expected[key].shape[-1] else None
+                        f"size {tuple(expected[key].shape)}; fix vision_cfg.image_size (train resamples it)")
     check_against_model(state, expected, where)
-    out = {}
-    for k in expected:  # model order, model shapes (logit_scale [1] -> [] after DeepSpeed)
-        if k in state:
-            t = state[k]
-            out[k] = t.reshape(expected[k].shape) if tuple(t.shape) != tuple(expected[k].shape) else t
-    del resample_pos_embed
-    return out
+    # model order and model shapes (logit_scale [1] after DeepSpeed -> [] as open_clip has it)
+    return {k: (state[k].reshape(expected[k].shape) if tuple(state[k].shape) != tuple(expected[k].shape)
+                else state[k]) for k in expected if k in state}
 
 
 # ------------------------------------------------------------------------------------------------ command

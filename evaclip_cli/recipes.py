@@ -427,6 +427,32 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+# names users bring from other trainers (open_clip, timm, DeepSpeed) -> ours
+_SYNONYMS = {
+    "learning_rate": "lr", "base_lr": "lr", "lr_text": "text_lr", "wd": "weight_decay", "clip_grad": "grad_clip",
+    "gradient_clipping": "grad_clip", "max_grad_norm": "grad_clip", "batch_size": "micro_batch",
+    "train_batch_size": "global_batch", "warmup": "warmup_steps", "zero": "zero_stage", "stage": "zero_stage",
+    "ld": "layer_decay", "layer_decay_rate": "layer_decay", "opt": "name", "optimizer": "name",
+    "num_samples": "samples", "train_num_samples": "samples", "model": "arch", "precision": "precision",
+    "grad_checkpointing": "grad_checkpointing", "epochs": "samples", "beta": "betas",
+}
+
+
+def closest_key(key: str, valid: list[str]) -> Optional[str]:
+    """The valid key a user most likely meant (synonyms first, then spelling); None if nothing is close."""
+    if not valid:
+        return None
+    syn = _SYNONYMS.get(key.lower())
+    if syn in valid:
+        return syn
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    parts = set(key.lower().replace("-", "_").split("_"))
+    overlap = [v for v in valid if parts & set(v.split("_"))]
+    return overlap[0] if overlap else None
+
+
 def _explain(err: ValidationError, sources: dict[str, str], default_src: str) -> str:
     e = err.errors()[0]
     loc = tuple(e["loc"])
@@ -434,9 +460,9 @@ def _explain(err: ValidationError, sources: dict[str, str], default_src: str) ->
     src = sources.get(dotted) or default_src
     if e["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1]) + '.' if len(loc) > 1 else ''}{close[0]}'?" \
-            if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        close = closest_key(str(loc[-1]), valid)
+        prefix = ".".join(str(p) for p in loc[:-1]) + "." if len(loc) > 1 else ""
+        hint = f"; did you mean '{prefix}{close}'? (valid: {', '.join(valid)})" if close else ""
         return f"{src}: unknown key '{dotted}'{hint}"
     msg = e["msg"].removeprefix("Value error, ")
     if not loc:

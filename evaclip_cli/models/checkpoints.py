@@ -115,8 +115,10 @@ def _vision_eva_to_timm(key: str, separate_qkv: bool) -> str:
     return key
 
 
-def _vision_timm_to_eva(key: str, separate_qkv: bool) -> str:
+def _vision_timm_to_eva(key: str, separate_qkv: bool, swiglu: bool) -> str:
     for a, b in _BLOCK_RENAMES:
+        if b == "mlp.fc2." and not swiglu:  # a plain MLP's fc2 keeps its name; only SwiGLU's is 'w3'
+            continue
         key = key.replace(b, a)
     if separate_qkv:
         key = key.replace("attn.q_proj.bias", "attn.q_bias").replace("attn.v_proj.bias", "attn.v_bias")
@@ -164,9 +166,10 @@ def mim_to_open_clip_visual(state: dict, separate_qkv: bool) -> tuple[dict, dict
 
 def open_clip_to_eva(state: dict, separate_qkv: bool) -> dict:
     out = {}
+    swiglu = any(".mlp.fc1_g." in k for k in state)
     for k, v in state.items():
         if k.startswith("visual.trunk."):
-            out["visual." + _vision_timm_to_eva(k[len("visual.trunk."):], separate_qkv)] = v
+            out["visual." + _vision_timm_to_eva(k[len("visual.trunk."):], separate_qkv, swiglu)] = v
         elif k.startswith("visual.head.proj."):
             out["visual.head." + k[len("visual.head.proj."):]] = v
         elif k.startswith("text.") or k == "logit_scale":
