@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -121,6 +122,117 @@ def estimate(
                  as_json=json_out)
 
 
+# --------------------------------------------------------------------------------------------------------- train
+class Launcher(str, Enum):
+    torchrun = "torchrun"
+    deepspeed = "deepspeed"
+    slurm = "slurm"
+
+
+def launch_or_run(stage: str, recipe: str, overrides: list, nproc: int, nodes: int, node_rank: int,
+                  master_addr: Optional[str], master_port: Optional[int], hostfile: Optional[Path],
+                  launcher: Optional[Launcher], dry_run: bool, out: Optional[Path], resume: Optional[str]):
+    """Shared by every training stage: resolve the recipe, then run here, relaunch on N processes, or write the
+    command / sbatch script."""
+    from rich.console import Console
+
+    from .engine import launch
+    from .recipes import load_recipe, recipe_to_toml
+
+    loaded = load_recipe(recipe, overrides or [])
+    r = loaded.recipe
+    if stage != r.stage:
+        raise UserError(f"recipe '{recipe}' is a '{r.stage}' recipe; run it with `evaclip "
+                        f"{ {'train': 'train', 'distill': 'distill', 'video': 'finetune-video'}[r.stage]} ...`")
+    out_dir = Path(out) if out else r.out_dir()
+    argv = list(_ARGV) if _ARGV else _stage_argv(stage, recipe, overrides, out, resume)
+    console = Console()
+    world = nproc * nodes
+    from .engine.config import accumulation_steps
+
+    accum = accumulation_steps(r.data.global_batch, r.data.micro_batch, world)
+    if launcher == Launcher.slurm:
+        script = launch.slurm_script(r.name, nodes, nproc, out_dir, argv)
+        if dry_run:
+            typer.echo(script)
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "launch.sbatch"
+        path.write_text(script)
+        console.print(f"wrote {path}: submit it with [bold]sbatch {path}[/bold]")
+        return
+    if dry_run:
+        console.rule(f"evaclip {stage} --recipe {recipe} (dry run)")
+        typer.echo(recipe_to_toml(r), nl=False)
+        console.rule()
+        if launcher == Launcher.deepspeed or hostfile:
+            cmd = launch.deepspeed_args(Path(hostfile) if hostfile else Path("hostfile"), nproc, master_addr, argv)
+        elif world > 1:
+            cmd = ["torchrun", *launch.torchrun_args(nproc, nodes, node_rank, master_addr, master_port, argv)]
+        else:
+            cmd = ["evaclip", *launch.strip_launch_args(argv)]
+        typer.echo(" ".join(shlex.quote(c) for c in cmd))
+        console.print(f"{world} process(es) × micro batch {r.data.micro_batch} × accumulation {accum} = global batch "
+                      f"{r.data.global_batch}; {r.steps:,} steps; output {out_dir}")
+        return
+    if not launch.under_launcher():
+        if launcher == Launcher.deepspeed or hostfile:
+            import subprocess
+
+            cmd = launch.deepspeed_args(Path(hostfile) if hostfile else Path("hostfile"), nproc, master_addr, argv)
+            raise typer.Exit(subprocess.call(cmd))
+        if world > 1:
+            raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, nodes, node_rank, master_addr,
+                                                                      master_port, argv)))
+    return r, out_dir
+
+
+def _stage_argv(stage, recipe, overrides, out, resume):
+    argv = [stage, "--recipe", recipe, *(overrides or [])]
+    if out:
+        argv += ["--out", str(out)]
+    if resume:
+        argv += ["--resume", resume]
+    return argv
+
+
+NPROC = typer.Option(1, "--nproc", min=1, help="Processes on this machine (one per GPU; CPU: gloo).")
+NODES = typer.Option(1, "--nodes", min=1, help="Machines (torchrun per node with --node-rank/--master-addr).")
+NODE_RANK = typer.Option(0, "--node-rank", min=0, help="This machine's rank when --nodes > 1.")
+MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 (multi-node).")
+MASTER_PORT = typer.Option(None, "--master-port", help="Rendezvous port (default: a free one / 29500).")
+HOSTFILE = typer.Option(None, "--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): launch on all hosts.")
+LAUNCHER = typer.Option(None, "--launcher", help="torchrun (default), deepspeed, or slurm (writes an sbatch script).")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved recipe and the launch command; run nothing.")
+OUT = typer.Option(None, "--out", "-o", help="Run folder (default: logging.out_dir, runs/<recipe>).")
+RESUME = typer.Option(None, "--resume", help="'auto' (newest checkpoint of this run, if any) or a checkpoint path.")
+
+
+@app.command()
+def train(
+    recipe: str = typer.Option("tiny", "--recipe", "-r", help="Recipe name or path.", autocompletion=_complete_recipe),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    nproc: int = NPROC, nodes: int = NODES, node_rank: int = NODE_RANK, master_addr: Optional[str] = MASTER_ADDR,
+    master_port: Optional[int] = MASTER_PORT, hostfile: Optional[Path] = HOSTFILE,
+    launcher: Optional[Launcher] = LAUNCHER, dry_run: bool = DRY_RUN, out: Optional[Path] = OUT,
+    resume: Optional[str] = RESUME,
+):
+    """Contrastive CLIP training on DeepSpeed (ZeRO 0-3, LAMB/AdamW, CLIPA token reduction). With the default
+    'tiny' recipe it trains on the embedded demo data and prints the zero-shot accuracy."""
+    res = launch_or_run("train", recipe, overrides, nproc, nodes, node_rank, master_addr, master_port, hostfile,
+                        launcher, dry_run, out, resume)
+    if res is None:
+        return
+    r, out_dir = res
+    from .train import run_train, summary_line
+
+    result = run_train(r, out_dir=out_dir, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        from rich.console import Console
+
+        Console().print(f"[bold green]done[/bold green] {result['step']} steps -> {out_dir}: {summary_line(result)}")
+
+
 # ------------------------------------------------------------------------------------------------------- convert
 class SrcFormat(str, Enum):
     auto = "auto"
@@ -176,20 +288,34 @@ def convert(
                 vision_only=vision_only, force=force)
 
 
+_ARGV: list = []
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Optional[list] = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2."""
+    global _ARGV
+    _ARGV = list(map(str, argv)) if argv is not None else sys.argv[1:]
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=_ARGV, standalone_mode=True)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except UserError as e:
-        print(f"evaclip: error: {e}", file=sys.stderr)
+        if _is_rank0():
+            print(f"evaclip: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("evaclip: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # an evaclip bug, not bad input: one line, traceback on request
-        if os.environ.get("EVACLIP_DEBUG"):
+    except Exception as e:
+        if type(e).__name__ == "TrainingStopped":  # a run that cannot go on: one line, exit code 3
+            if _is_rank0():
+                print(f"evaclip: {e}", file=sys.stderr)
+            return 3
+        if os.environ.get("EVACLIP_DEBUG"):  # an evaclip bug, not bad input: one line, traceback on request
             raise
         print(f"evaclip: internal error: {type(e).__name__}: {e} (set EVACLIP_DEBUG=1 for the traceback)",
               file=sys.stderr)

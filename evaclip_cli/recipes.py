@@ -232,6 +232,7 @@ class Recipe(_Section):
     name: str = "unnamed"
     description: str = ""
     stage: Literal["train", "distill", "video"] = "train"
+    seed: int = 0
     model: ModelSection = Field(default_factory=ModelSection)
     init: InitSection = Field(default_factory=InitSection)
     data: DataSection = Field(default_factory=DataSection)

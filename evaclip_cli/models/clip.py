@@ -18,14 +18,33 @@ def _imports():
     return torch
 
 
-def build_clip(spec: ClipSpec, device: str = "cpu", zero_init: Optional[dict] = None, grad_checkpointing=False):
+def _engine_clip_class():
+    from open_clip.model import CustomTextCLIP
+    from torch import nn
+
+    class EngineCLIP(CustomTextCLIP):
+        """open_clip's CustomTextCLIP with ``logit_scale`` of shape [1]: DeepSpeed cannot partition or flatten
+        0-dim parameters. State-dict keys are unchanged; exports reshape it back to []."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.logit_scale = nn.Parameter(self.logit_scale.detach().reshape(1).clone())
+
+    return EngineCLIP
+
+
+def build_clip(spec: ClipSpec, device: str = "cpu", zero_init: Optional[dict] = None, grad_checkpointing=False,
+               engine: bool = False):
     """Build the CLIP for ``spec``.
 
     ``device="meta"`` builds without allocating (parameter counts, estimates). ``zero_init`` (a DeepSpeed config
-    dict) builds under ``deepspeed.zero.Init`` so each rank only ever holds its partition.
+    dict) builds under ``deepspeed.zero.Init`` so each rank only ever holds its partition. ``engine=True`` gives
+    the training variant (``logit_scale`` shaped [1]).
     """
     torch = _imports()
     from open_clip.model import CustomTextCLIP
+
+    cls = _engine_clip_class() if engine or zero_init is not None else CustomTextCLIP
 
     cfg = open_clip_model_cfg(spec)
     cfg.pop("custom_text")
@@ -38,7 +57,7 @@ def build_clip(spec: ClipSpec, device: str = "cpu", zero_init: Optional[dict] = 
     else:
         ctx = contextlib.nullcontext()
     with ctx:
-        model = CustomTextCLIP(**cfg)
+        model = cls(**cfg)
     if device not in ("meta", "cpu") and zero_init is None:
         model = model.to(device)
     if grad_checkpointing:

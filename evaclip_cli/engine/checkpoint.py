@@ -1,0 +1,114 @@
+"""Step checkpoints: written under a temporary tag, renamed into place, ``latest`` replaced atomically, the last K
+kept. A checkpoint folder is a DeepSpeed checkpoint (``evaclip convert --from deepspeed`` reads it) whose client
+state carries everything needed to continue exactly: step, per-rank data positions and RNG states, counters."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+from . import dist
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def list_complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = TAG_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    tmp_tag = f".partial-{tag}"
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_dir / tmp_tag
+        if stale.exists():
+            shutil.rmtree(stale)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    final = ckpt_dir / tag
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        (ckpt_dir / tmp_tag).rename(final)
+        _atomic_write(ckpt_dir / "latest", tag)
+        complete = list_complete(ckpt_dir)
+        for _, old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for p in ckpt_dir.glob(".partial-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_resume(spec: Optional[str], ckpt_dir: Path) -> Optional[tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from: ``auto`` = the newest complete one in the run, if any."""
+    if not spec:
+        return None
+    if spec == "auto":
+        complete = list_complete(ckpt_dir)
+        if not complete:
+            return None
+        latest = ckpt_dir / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if (ckpt_dir / tag).is_dir():
+                return ckpt_dir, tag
+        return ckpt_dir, complete[-1][1].name
+    p = Path(spec)
+    if not p.exists():
+        raise UserError(f"--resume {spec}: no such checkpoint")
+    if TAG_RE.match(p.name) and p.is_dir():
+        return p.parent, p.name
+    complete = list_complete(p)
+    if complete:
+        return p, complete[-1][1].name
+    if (p / "checkpoints").is_dir() and list_complete(p / "checkpoints"):
+        return p / "checkpoints", list_complete(p / "checkpoints")[-1][1].name
+    raise UserError(f"--resume {spec}: no complete checkpoint (global_step*/) there")
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {"python": [version, list(py_state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])

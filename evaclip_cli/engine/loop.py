@@ -1,0 +1,344 @@
+"""The training loop every stage shares.
+
+A ``Stage`` (see ``evaclip_cli/train.py`` for the CLIP one) supplies:
+
+* ``build_model(ctx)``            the nn.Module (under ``deepspeed.zero.Init`` when ``ctx.zero_init``)
+* ``layer_id(name)``              (tower, layer id) for parameter groups; ``towers(ctx)`` their lr/wd/decay
+* ``build_loader(ctx, state)``    an iterator of batch dicts, resumable from ``state`` (``ctx.data_state``)
+* ``loss(ctx, batch, step)``      (loss tensor, {metric: float}) for one micro batch
+* ``evaluate(ctx, step)``         optional: {metric: float}, run on every rank
+* ``finish(ctx)``                 optional: exports after the final checkpoint
+
+The engine owns the rest: DeepSpeed config and initialisation, param groups, LAMB/AdamW, warmup + cosine,
+gradient accumulation, non-finite loss handling, checkpoints and exact resume, metrics.jsonl, TensorBoard,
+Rich progress and the loss/accuracy PNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+from . import checkpoint as ckpt
+from . import dist, schedule
+from .config import deepspeed_config
+from .params import build_param_groups
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
+
+    exit_code = 3
+
+
+@dataclass
+class Context:
+    recipe: Any
+    out_dir: Path
+    info: dist.DistInfo
+    ds_config: dict
+    total_steps: int
+    accum: int
+    zero_init: bool = False
+    engine: Any = None
+    model: Any = None
+    data_state: Optional[dict] = None
+    console: Any = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return self.engine.device if self.engine is not None else self.info.device
+
+    def print(self, *a, **k):
+        if self.info.is_main and self.console is not None:
+            self.console.print(*a, **k)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (rank 0): one JSON object per logged step; on resume, entries after the resumed step are
+    dropped so the file reads like an uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step > 0 and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
+        elif resume_step == 0 and path.exists():
+            path.unlink()
+        self._fh = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self):
+        if self.enabled:
+            self._fh.close()
+
+
+def _tensorboard(out_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard missing: metrics.jsonl still has everything
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def write_recipe(recipe, out_dir: Path) -> Path:
+    from ..recipes import recipe_to_toml
+
+    path = out_dir / "evaclip_recipe.toml"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"# resolved recipe of this run (evaclip); `evaclip convert --from deepspeed` reads it\n"
+                   + recipe_to_toml(recipe))
+    tmp.replace(path)
+    return path
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
+    """Loss (and zero-shot accuracy, when evaluated) against step, as a PNG."""
+    if not metrics_path.exists():
+        return None
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.endswith("acc1") for k in r)]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.8), squeeze=False)
+    ax[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2)
+    ax[0][0].set(xlabel="step", ylabel="loss", title="training loss")
+    ax[0][0].grid(alpha=0.3)
+    if evals:
+        keys = sorted({k for r in evals for k in r if k.endswith("acc1")})
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in evals if k in r]
+            ax[0][1].plot(*zip(*pts), marker="o", label=k)
+        ax[0][1].set(xlabel="step", ylabel="top-1", title="zero-shot accuracy")
+        ax[0][1].legend(fontsize=8)
+        ax[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+    """Train ``stage`` under ``recipe``; returns the final metrics (on every rank)."""
+    import torch
+    from rich.console import Console
+
+    info = dist.setup()
+    out_dir = Path(out_dir or recipe.out_dir())
+    console = Console(stderr=False, quiet=quiet or not info.is_main)
+    total_steps = recipe.steps
+    if total_steps <= 0:
+        raise UserError("data.samples must be > 0 (the run length in samples)")
+    on_gpu = info.device.startswith("cuda")
+    if recipe.deepspeed.precision == "bf16" and not on_gpu:
+        console.print("[yellow]note:[/yellow] bf16 on CPU is only fast with AMX; fp32 is the CPU default")
+    ds_cfg = deepspeed_config(recipe, info.world_size, on_gpu)
+    ctx = Context(recipe=recipe, out_dir=out_dir, info=info, ds_config=ds_cfg, total_steps=total_steps,
+                  accum=ds_cfg["gradient_accumulation_steps"],
+                  zero_init=recipe.deepspeed.zero_stage == 3 and recipe.deepspeed.zero_init, console=console)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    ckpt_dir = out_dir / "checkpoints"
+    resume_from = ckpt.find_resume(resume, ckpt_dir)
+
+    torch.manual_seed(recipe.seed + info.rank)
+    import deepspeed
+
+    model = stage.build_model(ctx)
+    groups = build_param_groups(model.named_parameters(), stage.towers(ctx), stage.layer_id)
+    from .optim import attach, build_optimizer
+
+    optimizer = build_optimizer(groups, recipe.optimizer)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    attach(optimizer, engine)
+    ctx.engine, ctx.model = engine, engine.module
+
+    start_step, counters, data_state = 0, {"nonfinite": 0}, None
+    if resume_from is not None:
+        root, tag = resume_from
+        load_path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        if client.get("world_size") != info.world_size:
+            raise UserError(f"{root / tag} was written by {client.get('world_size')} processes, this run has "
+                            f"{info.world_size}; resume with the same --nproc (or convert it with ds_to_universal)")
+        start_step = int(client["step"])
+        counters = dict(client.get("counters", counters))
+        data_state = client["data_states"][info.rank]
+        ckpt.set_rng_state(client["rng_states"][info.rank])
+        ctx.print(f"resumed from {root / tag} at step {start_step}")
+    if info.is_main:
+        write_recipe(recipe, out_dir)
+    ctx.data_state = data_state
+    loader = stage.build_loader(ctx, data_state)
+    data_iter = iter(loader)
+
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start_step, info.is_main)
+    tb = _tensorboard(out_dir, recipe.logging.tensorboard and info.is_main)
+    log_every, ckpt_every = max(1, recipe.logging.log_every), recipe.logging.checkpoint_every
+    eval_every = recipe.eval.every_steps
+    max_bad = recipe.logging.max_bad_steps
+    consecutive_bad = 0
+    samples_per_step = recipe.data.global_batch
+    last_metrics: dict = {}
+    window: list[float] = []
+    t_window, n_window = time.perf_counter(), 0
+    inject_nan = {int(s) for s in os.environ.get("EVACLIP_INJECT_NAN_AT", "").split(",") if s.strip()}
+
+    def save(step):
+        client = {
+            "step": step,
+            "world_size": info.world_size,
+            "counters": counters,
+            "data_states": dist.all_gather_object(stage.data_state()),
+            "rng_states": dist.all_gather_object(ckpt.rng_state()),
+            "recipe": recipe.name,
+        }
+        return ckpt.save(engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
+
+    progress = _progress(console, total_steps, start_step, enabled=info.is_main and not quiet)
+    engine.train()
+    step = start_step
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"),
+                                     sps=0.0)
+            while step < total_steps:
+                schedule.apply(optimizer.param_groups, step, total_steps, recipe.schedule.warmup_steps,
+                               recipe.schedule.kind, recipe.schedule.min_lr_ratio)
+                done, step_losses, extra = 0, [], {}
+                while done < ctx.accum:
+                    batch = next(data_iter)
+                    stage.consumed(batch)
+                    loss, m = stage.loss(ctx, batch, step)
+                    value = float(loss.detach().float().item())
+                    if step + 1 in inject_nan:
+                        value = float("nan")
+                    bad = dist.any_true(not math.isfinite(value))
+                    if bad:
+                        counters["nonfinite"] += 1
+                        consecutive_bad += 1
+                        del loss
+                        if consecutive_bad >= max_bad:
+                            raise TrainingStopped(
+                                f"stopped at step {step + 1}: {consecutive_bad} non-finite losses in a row "
+                                f"(logging.max_bad_steps = {max_bad}); lower optimizer.lr, check the data, or "
+                                f"resume from {ckpt_dir} with a changed recipe")
+                        ctx.print(f"[yellow]step {step + 1}: non-finite loss skipped[/yellow] "
+                                  f"({counters['nonfinite']} so far)")
+                        continue
+                    consecutive_bad = 0
+                    engine.backward(loss)
+                    engine.step()
+                    step_losses.append(value)
+                    for k, v in m.items():
+                        extra[k] = extra.get(k, 0.0) + v / ctx.accum
+                    done += 1
+                step += 1
+                loss_mean = sum(step_losses) / len(step_losses)
+                loss_all = dist.all_reduce_sum([loss_mean])[0] / info.world_size
+                window.append(loss_all)
+                n_window += samples_per_step
+                if step % log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    sps = n_window / max(now - t_window, 1e-9)
+                    t_window, n_window = now, 0
+                    lr = max(g["lr"] for g in optimizer.param_groups)
+                    record = {"step": step, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": sps,
+                              "samples": step * samples_per_step, "nonfinite_skipped": counters["nonfinite"],
+                              **extra, **stage.log_extras(ctx)}
+                    window = []
+                    metrics.write(record)
+                    if tb is not None:
+                        for k, v in record.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                tb.add_scalar(f"train/{k}", v, step)
+                    last_metrics.update(record)
+                    progress.update(task, completed=step, loss=record["loss"], sps=sps)
+                else:
+                    progress.update(task, completed=step)
+                if eval_every and step % eval_every == 0 and step != total_steps:
+                    _evaluate(ctx, stage, step, metrics, tb, last_metrics)
+                if ckpt_every and step % ckpt_every == 0 and step != total_steps:
+                    save(step)
+        save(step)
+        if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
+            _evaluate(ctx, stage, step, metrics, tb, last_metrics)
+        stage.finish(ctx)
+    finally:
+        metrics.close()
+        if tb is not None:
+            tb.close()
+    if info.is_main:
+        png = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        last_metrics["curves_png"] = str(png) if png else None
+    last_metrics["step"] = step
+    last_metrics["nonfinite_skipped"] = counters["nonfinite"]
+    return last_metrics
+
+
+def _evaluate(ctx, stage, step, metrics, tb, last_metrics):
+    evaluate = getattr(stage, "evaluate", None)
+    if evaluate is None:
+        return
+    ctx.engine.eval()
+    try:
+        res = evaluate(ctx, step) or {}
+    finally:
+        ctx.engine.train()
+    if res:
+        metrics.write({"step": step, **res})
+        if tb is not None:
+            for k, v in res.items():
+                if isinstance(v, (int, float)):
+                    tb.add_scalar(f"eval/{k}", v, step)
+        last_metrics.update(res)
+        ctx.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+
+
+def _progress(console, total, start, enabled):
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    if not enabled:
+        class _Null(contextlib.nullcontext):
+            def add_task(self, *a, **k):
+                return 0
+
+            def update(self, *a, **k):
+                pass
+
+        return _Null()
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.0f} samples/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    transient=False, refresh_per_second=2)

@@ -1,0 +1,28 @@
+"""Optimizers: LAMB (the 18B optimizer; ZeRO-aware, per-tensor trust ratios) and AdamW."""
+from __future__ import annotations
+
+
+def build_optimizer(param_groups: list[dict], cfg):
+    """``cfg`` is a recipe's ``optimizer`` section. The groups carry lr / weight_decay / lr_scale / base_lr."""
+    import torch
+
+    betas = tuple(cfg.betas)
+    if cfg.name == "lamb":
+        from .lamb import Lamb
+
+        return Lamb(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def attach(optimizer, engine) -> None:
+    """Let a ZeRO-aware optimizer learn how DeepSpeed partitioned the parameters (no-op for others)."""
+    hook = getattr(optimizer, "attach_to_engine", None)
+    if hook is None:
+        from . import lamb
+
+        if isinstance(optimizer, getattr(lamb, "Lamb", ())):
+            lamb.attach_to_engine(engine)
+        return
+    hook(engine)

@@ -1,0 +1,132 @@
+"""Initialise a tower from a checkpoint: a distilled MIM student, an evaclip/open_clip folder, an EVA .pt, a timm
+tower folder or a DeepSpeed run. Works on ZeRO-3 partitioned models (rank 0 reads, GatheredParameters writes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..errors import UserError
+from .checkpoints import detect_layout, eva_to_open_clip, load_state_dict, mim_to_open_clip_visual
+
+
+def read_any(path: str | Path, separate_qkv: bool = False) -> dict:
+    """Any supported source -> a state dict in evaclip's open_clip layout (``visual.trunk.*``, ``text.*``)."""
+    from ..convert import is_deepspeed_dir, load_deepspeed_state
+    from .openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, load_sharded_safetensors
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory (init checkpoint)")
+    if p.is_dir():
+        if (p / CONFIG_NAME).is_file():
+            state = load_state_dict(p / WEIGHTS_NAME) if (p / WEIGHTS_NAME).is_file() \
+                else load_sharded_safetensors(p / INDEX_NAME)
+        elif (p / "config.json").is_file() and "architecture" in json.loads((p / "config.json").read_text()):
+            f = p / "model.safetensors"
+            trunk = load_state_dict(f) if f.is_file() else load_sharded_safetensors(p / "model.safetensors.index.json")
+            return {"visual.trunk." + k: v for k, v in trunk.items()}
+        elif is_deepspeed_dir(p):
+            state = load_deepspeed_state(p)
+        elif (p / "final").is_dir():  # an evaclip run folder
+            return read_any(p / "final", separate_qkv)
+        else:
+            raise UserError(f"{p}: not an open_clip, timm or DeepSpeed checkpoint folder")
+    else:
+        state = load_state_dict(p)
+    layout = detect_layout(state)
+    if layout == "eva":
+        return eva_to_open_clip(state, separate_qkv)
+    if layout == "mim":
+        return mim_to_open_clip_visual(state, separate_qkv)[0]
+    if layout == "open_clip_visual":
+        return {"visual." + k: v for k, v in state.items()}
+    if layout == "open_clip":
+        return state
+    raise UserError(f"{p}: unrecognised checkpoint layout (first keys: {', '.join(list(state)[:3])})")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    segs = name.split(".")
+    return any(s == pat or s.startswith(pat + "_") for pat in skip for s in segs)
+
+
+def load_into(model, state: dict, prefix: str, skip: Iterable[str], where: str, is_main: bool,
+              zero3: bool) -> dict:
+    """Copy ``state[k]`` for every model parameter named ``prefix*`` (not skipped) into the model; resamples the
+    position embedding across resolutions. Returns counts for the log."""
+    import torch
+
+    from .clip import resample_pos_embed
+
+    loaded, skipped, missing = 0, [], []
+    for name, param in model.named_parameters():
+        if not name.startswith(prefix):
+            continue
+        if _skipped(name, skip):
+            skipped.append(name)
+            continue
+        if name not in state:
+            missing.append(name)
+            continue
+        src = state[name]
+        full_shape = tuple(getattr(param, "ds_shape", param.shape))
+        if name.endswith("pos_embed") and tuple(src.shape) != full_shape and src.shape[-1] == full_shape[-1]:
+            grid = int(round((full_shape[1] - 1) ** 0.5))
+            src = resample_pos_embed(src, grid) if not isinstance(src, _Shape) else _Shape(full_shape)
+        if tuple(src.shape) != full_shape and src.numel() != int(torch.Size(full_shape).numel()):
+            raise UserError(f"{where}: '{name}' has shape {tuple(src.shape)}, the model has {full_shape}; "
+                            "is this checkpoint for the recipe's model?")
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if is_main:
+                    with torch.no_grad():
+                        param.data.copy_(src.reshape(param.shape).to(param.dtype))
+        else:
+            with torch.no_grad():
+                param.data.copy_(src.reshape(param.shape).to(param.dtype))
+        loaded += 1
+    if loaded == 0:
+        raise UserError(f"{where}: no tensor matched the model's {prefix.rstrip('.')} tower "
+                        f"(first keys: {', '.join(list(state)[:3])})")
+    return {"loaded": loaded, "skipped": len(skipped), "missing": missing}
+
+
+def init_from_recipe(model, init_cfg, separate_qkv: bool, is_main: bool, zero3: bool, log=print) -> None:
+    """Vision tower from ``init.vision``, text tower from ``init.text``, with ``init.skip`` left at their init."""
+    for tower, src in (("visual.", init_cfg.vision), ("text.", init_cfg.text)):
+        if not src:
+            continue
+        state = read_any(src, separate_qkv) if is_main or not zero3 else {}
+        if zero3:  # only rank 0 reads the file; the others need the key set and shapes to walk the same params
+            from ..engine.dist import all_gather_object
+
+            meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if is_main else None)[0]
+            if not is_main:
+                state = {k: _Shape(s) for k, s in meta.items()}
+        res = load_into(model, state, tower, init_cfg.skip, str(src), is_main, zero3)
+        missing = f", {len(res['missing'])} not in the checkpoint (kept at init, first: {res['missing'][0]})" \
+            if res["missing"] else ""
+        log(f"init {tower.rstrip('.')} from {src}: {res['loaded']} tensors loaded, {res['skipped']} skipped "
+            f"by init.skip{missing}")
+
+
+class _Shape:
+    """Stands in for a tensor on ranks that do not read the file (ZeRO-3): only its shape is used."""
+
+    def __init__(self, shape):
+        import torch
+
+        self.shape = torch.Size(shape)
+
+    def numel(self):
+        return self.shape.numel()
+
+    def reshape(self, *a):
+        return self
+
+    def to(self, *a, **k):
+        return self

@@ -1,0 +1,229 @@
+"""``evaclip train``: contrastive CLIP training, the CLIP stage of the shared engine."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from .engine.params import TowerCfg, clip_layer_id
+from .errors import UserError
+
+DEMO_DIR_ENV = "EVACLIP_DEMO_DIR"
+
+
+def demo_dir() -> Path:
+    return Path(os.environ.get(DEMO_DIR_ENV, "demo_data"))
+
+
+def ensure_demo(is_main: bool, console=None) -> Path:
+    """The embedded demo dataset, generated on the first run (rank 0) and reused afterwards."""
+    from .data.demo import make_demo
+    from .engine import dist
+
+    root = demo_dir()
+    if is_main:
+        if console is not None and not (root / "demo.json").is_file():
+            console.print(f"making the demo dataset in {root} (procedural, no download)")
+        make_demo(root)
+    dist.barrier()
+    return root
+
+
+class ClipStage:
+    """Model, data and loss of contrastive image-text training; everything else is the engine's."""
+
+    name = "train"
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.spec = recipe.spec()
+        self._data = None
+        self.reducer = None
+        self.eval_sets: list[tuple[str, Path]] = []
+        self.tokenizer = None
+
+    # ---- model -----------------------------------------------------------------------------------------------
+    def build_model(self, ctx):
+        from .models.clip import build_clip
+        from .models.pretrained import init_from_recipe
+
+        r = self.recipe
+        model = build_clip(self.spec, zero_init=ctx.ds_config if ctx.zero_init else None, engine=True)
+        zero3 = r.deepspeed.zero_stage == 3 and ctx.zero_init
+        if zero3:
+            from .models.zero_init import reinit_zero3
+
+            reinit_zero3(model, ctx.info.is_main)
+        init_from_recipe(model, r.init, separate_qkv=not self.spec.vision.qkv_fused, is_main=ctx.info.is_main,
+                         zero3=zero3, log=ctx.print)
+        if r.model.vision.drop_path:
+            import torch
+
+            for i, blk in enumerate(model.visual.trunk.blocks):
+                rate = r.model.vision.drop_path * i / max(1, len(model.visual.trunk.blocks) - 1)
+                if rate > 0:
+                    from timm.layers import DropPath
+
+                    blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
+            del torch
+        if r.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        t = r.tokens.image
+        if t.method in ("random", "grid", "block") and t.keep_ratio < 1.0:
+            from .models.tokens import install
+
+            self.reducer = install(model.visual.trunk, t.method, t.keep_ratio)
+        self._full_attn_mask = model.text.attn_mask
+        n = r.text_tokens()
+        if n < self.spec.text.context_length and model.text.attn_mask is not None:
+            # open_clip slices the causal mask only with pad masks: give it the reduced length's mask
+            model.text.attn_mask = self._full_attn_mask[:n, :n].clone()
+        return model
+
+    def towers(self, ctx):
+        o = self.recipe.optimizer
+        return {
+            "vision": TowerCfg(o.lr, o.weight_decay, o.layer_decay, self.spec.vision.depth),
+            "text": TowerCfg(o.text_lr if o.text_lr is not None else o.lr,
+                             o.text_weight_decay if o.text_weight_decay is not None else o.weight_decay,
+                             o.text_layer_decay, self.spec.text.layers),
+        }
+
+    def layer_id(self, name):
+        return clip_layer_id(name, self.spec.vision.depth, self.spec.text.layers)
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def sources(self, ctx):
+        r = self.recipe
+        if r.data.demo:
+            root = ensure_demo(ctx.info.is_main, ctx.console)
+            from .recipes import Source
+
+            srcs = [Source(shards=str(p)) for p in [root / "train"]]
+            if not r.eval.datasets:
+                self.eval_sets = [(f"demo-{d.name}", d) for d in sorted((root / "zeroshot").iterdir()) if d.is_dir()]
+            return [Source(shards=_shard_pattern(root / "train"))] if srcs else []
+        if not r.data.train:
+            raise UserError("the recipe has no data.train sources (and data.demo is false); add "
+                            "data.train = [{ shards = \"path/{00000..00099}.tar\" }]")
+        return [s for s in r.data.train if s.kind == "image"]
+
+    def build_loader(self, ctx, state):
+        from .data.text import make_tokenizer
+        from .data.wds import build_train_loader
+
+        r = self.recipe
+        sources = self.sources(ctx)
+        for d in r.eval.datasets:
+            if d.task == "zeroshot":
+                self.eval_sets.append((d.name, Path(d.path)))
+        self.tokenizer = make_tokenizer(self.spec.text.context_length, r.tokens.text.method,
+                                        r.tokens.text.length, seed=r.seed)
+        self._data = build_train_loader(
+            sources, image_size=self.spec.vision.image_size, micro_batch=r.data.micro_batch, workers=r.data.workers,
+            tokenizer=self.tokenizer, seed=r.seed, rank=ctx.info.rank, world_size=ctx.info.world_size,
+            resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(r.data.aug.scale),
+            interpolation=r.data.aug.interpolation, hflip=r.data.aug.hflip, start_state=state)
+        return self._data
+
+    def consumed(self, batch):
+        self._data.consumed(batch)
+
+    def data_state(self):
+        return self._data.state_dict()
+
+    def log_extras(self, ctx):
+        c = self._data.counters() if self._data is not None else {}
+        return {f"data_{k}": v for k, v in c.items()}
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+    def loss(self, ctx, batch, step):
+        import torch
+        from open_clip.loss import ClipLoss
+
+        if not hasattr(self, "_loss"):
+            self._loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
+                                  rank=ctx.info.rank, world_size=ctx.info.world_size)
+            self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.deepspeed.precision,
+                                                                              torch.float32)
+        if self.reducer is not None:
+            self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
+        images = batch["image"].to(ctx.device, dtype=self._dtype, non_blocking=True)
+        texts = batch["text"].to(ctx.device, non_blocking=True)
+        img, txt, scale = ctx.engine(images, texts)
+        scale = scale.float().clamp(max=100.0).reshape(())  # logit_scale clamped to ln(100)
+        loss = self._loss(img.float(), txt.float(), scale)
+        return loss, {"logit_scale": float(scale.detach())}
+
+    # ---- eval ------------------------------------------------------------------------------------------------
+    def evaluate(self, ctx, step):
+        from .evaluate_sets import zeroshot_on_folder
+
+        if not self.eval_sets:
+            return {}
+        model = ctx.engine.module
+        model.text.attn_mask = self._full_attn_mask  # full-length class prompts
+        try:
+            out = {}
+            for name, path in self.eval_sets:
+                res = zeroshot_on_folder(model, path, self.spec, ctx.device, rank=ctx.info.rank,
+                                         world_size=ctx.info.world_size, batch_size=self.recipe.eval.batch_size,
+                                         dtype=self._dtype if hasattr(self, "_dtype") else None)
+                out[f"{name}/acc1"] = res["acc1"]
+                out[f"{name}/acc5"] = res["acc5"]
+                out[f"{name}/chance"] = res["chance"]
+            return out
+        finally:
+            n = self.recipe.text_tokens()
+            if n < self.spec.text.context_length:
+                model.text.attn_mask = self._full_attn_mask[:n, :n].clone()
+
+    def finish(self, ctx):
+        """Export the final weights as an open_clip folder (consolidated from the last checkpoint)."""
+        from .convert import run_convert
+        from .engine import dist
+
+        if ctx.info.is_main:
+            run_convert(ctx.out_dir / "checkpoints", ctx.out_dir / "final", src_format="deepspeed",
+                        recipe=str(ctx.out_dir / "evaclip_recipe.toml"), force=True, quiet=True)
+            ctx.print(f"final model: {ctx.out_dir / 'final'} (open_clip folder)")
+        dist.barrier()
+
+
+def _shard_pattern(folder: Path) -> str:
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise UserError(f"{folder}: no .tar shards")
+    return "::".join(str(s) for s in shards)
+
+
+def prepare_recipe(recipe):
+    """The model trains at the reduced resolution when CLIPA's resize reduction is on: make the recipe's model say
+    so, so that checkpoints, exports and estimates describe the model that actually trained."""
+    if recipe.tokens.image.method == "resize":
+        size = recipe.tokens.image.image_size
+        model = recipe.model.model_copy(update={"vision": recipe.model.vision.model_copy(update={"image_size": size})})
+        recipe = recipe.model_copy(update={"model": model})
+    return recipe
+
+
+def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+    from .engine.loop import run
+
+    recipe = prepare_recipe(recipe)
+    stage = ClipStage(recipe)
+    result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    accs = {k[:-len("/acc1")]: v for k, v in result.items() if k.endswith("/acc1")}
+    parts = []
+    for name, acc in accs.items():
+        chance = result.get(f"{name}/chance")
+        parts.append(f"{name} top-1 {acc * 100:.1f}%" + (f" (chance {chance * 100:.1f}%)" if chance else ""))
+    return "; ".join(parts) if parts else "no zero-shot eval set"
+
+
+_ = math  # noqa
