@@ -60,9 +60,9 @@ def test_deepspeed_config():
     r = load_recipe("18b").recipe
     cfg = deepspeed_config(r, 360, on_gpu=True)
     assert cfg["gradient_clipping"] == 5.0 and cfg["bf16"]["enabled"] and cfg["zero_optimization"]["stage"] == 3
-    assert cfg["train_batch_size"] == 108_000 and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["train_batch_size"] == 108_000 and cfg["gradient_accumulation_steps"] == 2  # 150 x 2 per GPU
     cfg = deepspeed_config(r, 180, on_gpu=True)
-    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["gradient_accumulation_steps"] == 4
     with pytest.raises(UserError, match="multiple"):
         deepspeed_config(r, 7, on_gpu=True)
     t = load_recipe("tiny", ["deepspeed.grad_clip=0"]).recipe

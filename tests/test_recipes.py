@@ -40,7 +40,7 @@ def test_18b_is_the_papers_recipe():
     assert (r.schedule.kind, r.schedule.warmup_steps) == ("cosine", 2000)
     assert r.deepspeed.grad_clip == 5.0 and r.deepspeed.precision == "bf16" and r.deepspeed.zero_stage == 3
     assert r.data.global_batch == 108_000 and r.data.samples == 6_000_000_000
-    assert r.data.global_batch // r.data.micro_batch == r.compute.gpus == 360
+    assert r.data.global_batch // (r.data.micro_batch * r.compute.gpus) == 2 and r.compute.gpus == 360
     assert r.steps == 55_556 and r.model.grad_checkpointing
 
 

@@ -1,0 +1,529 @@
+"""``evaclip estimate``: parameters, memory per GPU under ZeRO 0-3, FLOPs and GPU-hours of a recipe.
+
+Everything is arithmetic on the recipe; the only model built is an empty one on the meta device, for exact
+parameter counts. :func:`estimate` returns a plain dict (the ``--json`` output); :func:`run_estimate` prints it.
+
+Notation: ``P`` parameters, ``N`` GPUs, ``b`` micro batch per GPU, and per tower ``L`` layers, ``h`` width,
+``f`` MLP width, ``a`` heads, ``s`` training sequence length *after* CLIPA token reduction
+(``recipe.image_tokens()`` / ``recipe.text_tokens()``), ``e`` bytes per activation element (2 in bf16/fp16,
+4 in fp32).
+
+Parameters
+    Counted exactly on the meta device (``build_clip`` + ``tower_params``). Distillation (MIM) trains the student
+    *vision trunk* only (no CLIP head, no text tower) plus ``mask_token`` (h) and ``lm_head`` (h -> teacher
+    embed dim, with bias); the teacher's vision tower (trunk + CLIP head) is frozen: weights only.
+
+Model states (bytes per trainable parameter; ZeRO paper, Rajbhandari et al. 2020)
+    bf16/fp16: weights 2 + grads 2 + optimizer 12 (fp32 master, Adam/LAMB m and v) = 16.
+    fp32:      weights 4 + grads 4 + optimizer 8 (m, v) = 16.
+    ZeRO-1 divides the optimizer states by N, ZeRO-2 also the grads, ZeRO-3 also the weights. ZeRO-3 adds a
+    gather buffer: the 16-bit weights and grads of the largest transformer block (DeepSpeed's estimator adds
+    4 bytes x the largest layer for the same reason). ``offload_optimizer`` (ZeRO >= 1) moves the optimizer
+    states, ``offload_param`` (ZeRO-3) the weights, to CPU. A frozen teacher is replicated on every GPU at
+    ``distill.teacher_precision``.
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models")
+    Their per-layer 16-bit count is ``s*b*h*(34 + 5*a*s/h)`` bytes for an MLP of 4h with dropout. Generalised to
+    any MLP width, without dropout masks (CLIP trains without dropout), per layer:
+        ``e*s*b*(8h + m)``  [+ ``2*e*a*s^2*b`` for attention scores and softmax, eager attention only]
+    with ``m = 2f`` (GELU: fc1 output and activation), ``4f`` for SwiGLU (two fc1 outputs, SiLU, product), plus
+    ``f + h`` with sub-LN. With f = 4h this is 32*s*b*h (+4*a*s^2*b) in 16-bit. evaclip runs fused SDPA
+    (flash / memory-efficient kernels: timm ``fused_attn``, ``nn.MultiheadAttention`` with
+    ``need_weights=False``), so the s^2 term is dropped.
+    Without checkpointing a tower stores ``L`` full layers; with full (per-block) checkpointing it stores the
+    ``L`` block inputs ``e*s*b*h`` each, plus one layer's full activations while it is recomputed (the largest
+    layer over the towers), plus the final-norm input ``e*s*b*h`` per tower.
+    Contrastive loss (gather-with-grad, local loss): gathered image+text features ``2*b*N*E*e`` and the two
+    ``b x b*N`` logit matrices, kept in e bytes plus their fp32 log-softmax: ``2*b*(b*N)*(e + 4)``.
+    Distillation: teacher targets and student predictions ``e*b*(patches + masked)*E_teacher``; the teacher
+    runs under no_grad, so it stores no activations. Video: each video sample is ``video.frames`` images
+    through the vision tower; mixed with image shards by ``video.image_weight``/``video_weight`` (expected
+    images per sample).
+    A configuration "fits" when model states + activations <= 90% of the card's memory (40 or 80 GiB).
+
+FLOPs per sample (one multiply-add = 2 FLOPs)
+    forward per tower = 2 * (matmul weights of the blocks) * s + 4 * L * s^2 * h (QK^T and AV)
+                        + 2 * patch-embed weights * patches + 2 * head weights * tokens projected
+    (the patch embedding sees every patch before random masking drops some; heads project the pooled token,
+    the MIM ``lm_head`` the masked tokens, the teacher's head every patch token). Contrastive logits:
+    ``4*E*(b*N)`` per sample. Causal text attention is counted in full, as is conventional.
+    Model FLOPs = 3 x forward (forward + backward) for trained towers + 1 x forward for a frozen teacher;
+    MFU uses model FLOPs. Gradient checkpointing recomputes the forward: hardware FLOPs = model FLOPs + 1 x
+    trained forward (reported as HFU next to MFU).
+    GPU-hours = samples * model FLOPs per sample / (peak * MFU) / 3600, peak = dense bf16/fp16 tensor-core
+    FLOP/s (A100 312 T, H100 SXM 989 T; TF32 156 T / 495 T for fp32 recipes). Implied MFU of a run of H hours
+    on N GPUs = total model FLOPs / (N * H * 3600 * peak).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import UserError
+
+GiB = 1024**3
+USABLE_FRACTION = 0.90
+DEFAULT_MFU = 0.40
+
+
+@dataclass(frozen=True)
+class GpuType:
+    key: str
+    name: str
+    memory_gib: int
+    peak: dict  # precision -> dense tensor-core FLOP/s
+
+
+GPU_TYPES: dict[str, GpuType] = {
+    "a100-40g": GpuType("a100-40g", "A100-SXM4-40GB", 40, {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    "a100-80g": GpuType("a100-80g", "A100-SXM4-80GB", 80, {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    "h100": GpuType("h100", "H100-SXM5-80GB", 80, {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),
+}
+PEAK_LABEL = {"bf16": "bf16 dense", "fp16": "fp16 dense", "fp32": "tf32 dense"}
+
+
+# ------------------------------------------------------------------------------------------- model structure
+@functools.lru_cache(maxsize=16)
+def _model_counts(spec_json: str) -> dict:
+    """Exact counts from the CLIP built on the meta device: tower totals, matmul weights, largest block."""
+    from .models.clip import build_clip, tower_params
+    from .models.specs import ClipSpec
+
+    spec = ClipSpec.model_validate_json(spec_json)
+    model = build_clip(spec, device="meta")
+    out = dict(tower_params(model))
+    c = dict(vision_trunk=0, vision_head=0, vision_block_matmul=0, vision_patch_matmul=0, vision_head_matmul=0,
+             text_block_matmul=0, text_proj_matmul=0)
+    blocks: dict[tuple, int] = {}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith("visual.trunk."):
+            c["vision_trunk"] += n
+            m = re.match(r"visual\.trunk\.blocks\.(\d+)\.", name)
+            if m:
+                blocks[("vision", m.group(1))] = blocks.get(("vision", m.group(1)), 0) + n
+                if p.ndim >= 2:
+                    c["vision_block_matmul"] += n
+            elif name.startswith("visual.trunk.patch_embed.") and p.ndim >= 2:
+                c["vision_patch_matmul"] += n
+        elif name.startswith("visual."):
+            c["vision_head"] += n
+            if p.ndim >= 2:
+                c["vision_head_matmul"] += n
+        elif name.startswith("text."):
+            m = re.match(r"text\.transformer\.resblocks\.(\d+)\.", name)
+            if m:
+                blocks[("text", m.group(1))] = blocks.get(("text", m.group(1)), 0) + n
+                if p.ndim >= 2:
+                    c["text_block_matmul"] += n
+            elif name.startswith("text.text_projection") and p.ndim >= 2:
+                c["text_proj_matmul"] += n
+    out.update(c)
+    out["vision_block_max"] = max((v for (t, _), v in blocks.items() if t == "vision"), default=0)
+    out["text_block_max"] = max((v for (t, _), v in blocks.items() if t == "text"), default=0)
+    return out
+
+
+@dataclass
+class _Tower:
+    """One transformer tower as the estimate sees it."""
+
+    name: str
+    layers: int
+    width: int
+    heads: int
+    mlp: int
+    swiglu: bool
+    subln: bool
+    seq: int  # tokens through the blocks, per sequence
+    block_matmul: int  # matmul weights of all blocks (every token goes through them)
+    extra: tuple  # ((matmul weights, tokens per sequence), ...): patch embedding, heads
+    per_sample: float  # sequences per training sample (video frames)
+    trained: bool
+    block_max: int  # parameters of the largest block
+
+    def forward_flops(self) -> float:
+        per_seq = 2 * self.block_matmul * self.seq + 4 * self.layers * self.seq**2 * self.width
+        per_seq += sum(2 * w * t for w, t in self.extra)
+        return per_seq * self.per_sample
+
+    def layer_bytes(self, b_seqs: float, e: int, flash: bool = True) -> float:
+        m = (4 if self.swiglu else 2) * self.mlp + ((self.mlp + self.width) if self.subln else 0)
+        act = e * self.seq * b_seqs * (8 * self.width + m)
+        if not flash:
+            act += 2 * e * self.heads * self.seq**2 * b_seqs
+        return act
+
+    def activation_bytes(self, b: float, e: int, checkpointing: bool) -> tuple[float, float]:
+        """(stored activations, one recomputed layer) for ``b`` samples."""
+        bs = b * self.per_sample
+        final = e * self.seq * bs * self.width
+        if checkpointing:
+            return self.layers * e * self.seq * bs * self.width + final, self.layer_bytes(bs, e)
+        return self.layers * self.layer_bytes(bs, e) + final, 0.0
+
+
+def _vision_tower(name, spec, counts, seq, patches, head_tokens, per_sample, trained, head=True) -> _Tower:
+    v = spec.vision
+    extra = [(counts["vision_patch_matmul"], patches)]
+    if head:
+        extra.append((counts["vision_head_matmul"], head_tokens))
+    return _Tower(name, v.depth, v.width, v.heads, v.mlp_dim, v.swiglu, v.subln, seq, counts["vision_block_matmul"],
+                  tuple(extra), per_sample, trained, counts["vision_block_max"])
+
+
+def _text_tower(spec, counts, seq) -> _Tower:
+    t = spec.text
+    return _Tower("text", t.layers, t.width, t.heads, int(t.width * t.mlp_ratio), False, False, seq,
+                  counts["text_block_matmul"], ((counts["text_proj_matmul"], 1),), 1.0, True, counts["text_block_max"])
+
+
+# ------------------------------------------------------------------------------------------------- estimate
+def _bytes_per(precision: str) -> tuple[int, int, int, int]:
+    """(weights, grads, optimizer states, activations) bytes per element."""
+    if precision == "fp32":
+        return 4, 4, 8, 4
+    return 2, 2, 12, 2
+
+
+def _images_per_sample(recipe) -> float:
+    if recipe.stage != "video" or not any(s.kind == "video" for s in recipe.data.train):
+        return 1.0
+    iw, vw = recipe.video.image_weight, recipe.video.video_weight
+    frac = vw / (iw + vw) if iw + vw > 0 else 1.0
+    if not any(s.kind == "image" for s in recipe.data.train):
+        frac = 1.0
+    return 1.0 + frac * (recipe.video.frames - 1)
+
+
+def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hours: Optional[float] = None,
+             mfu: float = DEFAULT_MFU) -> dict:
+    """The numbers behind ``evaclip estimate`` for a loaded :class:`~evaclip_cli.recipes.Recipe` (a plain dict,
+    JSON-serialisable, stable keys). ``gpu``/``gpus`` default to the recipe's ``compute`` section; ``hours``
+    (default ``compute.reported_hours``) gives the MFU a run of that length implies."""
+    from .models.specs import resolve_arch
+
+    gpu_key = gpu or recipe.compute.gpu
+    if gpu_key not in GPU_TYPES:
+        raise UserError(f"unknown GPU '{gpu_key}'; known: {', '.join(GPU_TYPES)}")
+    card = GPU_TYPES[gpu_key]
+    n_gpus = recipe.compute.gpus if gpus is None else int(gpus)
+    if n_gpus < 1:
+        raise UserError(f"--gpus must be at least 1 (got {n_gpus})")
+    if not 0.0 < mfu <= 1.0:
+        raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
+    if hours is not None and hours <= 0:
+        raise UserError(f"--hours must be positive (got {hours})")
+
+    precision = recipe.deepspeed.precision
+    wb, gb, ob, e = _bytes_per(precision)
+    ckpt = recipe.model.grad_checkpointing
+    b = recipe.data.micro_batch
+    spec = recipe.spec()
+    counts = _model_counts(spec.model_dump_json())
+    warnings: list[str] = []
+
+    img_size = recipe.train_image_size()
+    patches = (img_size // spec.vision.patch_size) ** 2
+    s_img = recipe.image_tokens()
+    s_txt = recipe.text_tokens()
+    per_sample = _images_per_sample(recipe)
+    distill = recipe.stage == "distill"
+
+    if distill:
+        tspec = resolve_arch(recipe.distill.teacher_arch)
+        tcounts = _model_counts(tspec.model_dump_json())
+        if img_size % tspec.vision.patch_size:
+            raise UserError(f"teacher '{recipe.distill.teacher_arch}' patch size {tspec.vision.patch_size} does not "
+                            f"divide the training image size {img_size}")
+        t_patches = (img_size // tspec.vision.patch_size) ** 2
+        if t_patches != patches:
+            warnings.append(f"teacher grid ({t_patches} patches) differs from the student's ({patches}): "
+                            "targets will not align")
+        masked = int(round(recipe.distill.mask_ratio * patches))
+        w, te = spec.vision.width, tspec.embed_dim
+        mim_head = w + w * te + te  # mask_token + lm_head (weight, bias)
+        student = counts["vision_trunk"] + mim_head
+        teacher = tcounts["vision"]
+        params = dict(vision=student, text=0, other=0, mim_head=mim_head, teacher_vision=teacher, trainable=student,
+                      frozen=teacher, total=student + teacher)
+        towers = [
+            _Tower("vision", spec.vision.depth, w, spec.vision.heads, spec.vision.mlp_dim, spec.vision.swiglu,
+                   spec.vision.subln, s_img, counts["vision_block_matmul"],
+                   ((counts["vision_patch_matmul"], patches), (w * te, masked)), 1.0, True,
+                   counts["vision_block_max"]),
+            _vision_tower("teacher", tspec, tcounts, t_patches + 1, t_patches, t_patches, 1.0, False),
+        ]
+        t_wb = 4 if recipe.distill.teacher_precision == "fp32" else 2
+        frozen_bytes = teacher * t_wb
+        loss_flops = 0.0
+
+        def loss_bytes(bb: float) -> float:
+            return e * bb * (patches + masked) * te
+    else:
+        params = dict(vision=counts["vision"], text=counts["text"], other=counts["other"], mim_head=0,
+                      teacher_vision=0, trainable=counts["total"], frozen=0, total=counts["total"])
+        towers = [
+            _vision_tower("vision", spec, counts, s_img, patches, 1, per_sample, True),
+            _text_tower(spec, counts, s_txt),
+        ]
+        frozen_bytes = 0
+        E = spec.embed_dim
+        loss_flops = 4.0 * E * b * n_gpus
+
+        def loss_bytes(bb: float) -> float:
+            return 2 * bb * n_gpus * E * e + 2 * bb * (bb * n_gpus) * (e + 4)
+
+    trained = [t for t in towers if t.trained]
+
+    # ---- activations --------------------------------------------------------------------------------------
+    def activations(bb: float, checkpointing: bool) -> dict:
+        stored = {t.name: 0.0 for t in trained}
+        peak_layer = 0.0
+        for t in trained:
+            s_, layer = t.activation_bytes(bb, e, checkpointing)
+            stored[t.name] = s_
+            peak_layer = max(peak_layer, layer)
+        loss = loss_bytes(bb)
+        total = sum(stored.values()) + peak_layer + loss
+        return dict(**{f"{k}_bytes": int(v) for k, v in stored.items()}, recompute_layer_bytes=int(peak_layer),
+                    loss_bytes=int(loss), total_bytes=int(total))
+
+    act = {"checkpointed": activations(b, True), "full": activations(b, False)}
+
+    # ---- model states per ZeRO stage ----------------------------------------------------------------------
+    P = params["trainable"]
+    largest_block = max(t.block_max for t in trained)
+    usable = USABLE_FRACTION * card.memory_gib * GiB
+    off_opt, off_param = recipe.deepspeed.offload_optimizer, recipe.deepspeed.offload_param
+
+    def states(stage: int) -> dict:
+        weights = wb * P / (n_gpus if stage >= 3 else 1)
+        grads = gb * P / (n_gpus if stage >= 2 else 1)
+        optim = ob * P / (n_gpus if stage >= 1 else 1)
+        offloaded = []
+        if off_opt and stage >= 1:
+            optim = 0.0
+            offloaded.append("optimizer")
+        if off_param and stage == 3:
+            weights = 0.0
+            offloaded.append("weights")
+        buffers = (wb + gb) * largest_block if stage == 3 else 0
+        weights += frozen_bytes
+        return dict(weights_bytes=int(weights), grads_bytes=int(grads), optimizer_bytes=int(optim),
+                    buffers_bytes=int(buffers), model_states_bytes=int(weights + grads + optim + buffers),
+                    offloaded=offloaded)
+
+    def max_micro(model_states: float, checkpointing: bool) -> int:
+        def fits(bb):
+            return model_states + activations(bb, checkpointing)["total_bytes"] <= usable
+
+        if not fits(1):
+            return 0
+        lo, hi = 1, 2
+        while fits(hi) and hi < 1 << 24:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    stages = []
+    for k in range(4):
+        st = states(k)
+        ms = st["model_states_bytes"]
+        row = dict(zero_stage=k, **st)
+        for mode, key in (("checkpointed", "ckpt"), ("full", "full")):
+            tot = ms + act[mode]["total_bytes"]
+            row[f"total_{key}_bytes"] = int(tot)
+            row[f"fits_{key}"] = bool(tot <= usable)
+            row[f"max_micro_batch_{key}"] = max_micro(ms, mode == "checkpointed")
+        stages.append(row)
+
+    accumulation = recipe.data.global_batch / (b * n_gpus)
+    if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
+        warnings.append(f"data.global_batch {recipe.data.global_batch} is not a multiple of micro batch {b} x "
+                        f"{n_gpus} GPUs (accumulation would be {accumulation:.3g})")
+    own = stages[recipe.deepspeed.zero_stage]
+    key = "ckpt" if ckpt else "full"
+    if not own[f"fits_{key}"]:
+        m = own[f"max_micro_batch_{key}"]
+        hint = ""
+        for d in range(min(m, b), 0, -1):
+            if recipe.data.global_batch % (d * n_gpus) == 0:
+                hint = (f"; e.g. data.micro_batch={d} with {recipe.data.global_batch // (d * n_gpus)}x gradient "
+                        "accumulation")
+                break
+        warnings.append(
+            f"the recipe's setting (ZeRO-{recipe.deepspeed.zero_stage}, {'with' if ckpt else 'without'} "
+            f"checkpointing, micro batch {b}) needs {own[f'total_{key}_bytes'] / GiB:.1f} GiB per GPU, over the "
+            f"{usable / GiB:.1f} GiB usable on {card.name}; the largest micro batch that fits is {m}{hint}")
+
+    # ---- FLOPs and time -----------------------------------------------------------------------------------
+    fwd = {t.name: t.forward_flops() for t in towers}
+    fwd["loss"] = loss_flops
+    trained_fwd = sum(t.forward_flops() for t in trained) + loss_flops
+    frozen_fwd = sum(t.forward_flops() for t in towers if not t.trained)
+    model_ps = 3 * trained_fwd + frozen_fwd
+    hw_ps = model_ps + (sum(t.forward_flops() for t in trained) if ckpt else 0)
+    samples = recipe.data.samples
+    total_model = model_ps * samples
+    total_hw = hw_ps * samples
+    peak = card.peak[precision]
+    compute = dict(mfu=mfu, gpu_hours=None, wall_clock_hours=None, wall_clock_days=None)
+    if samples:
+        gh = total_model / (peak * mfu) / 3600
+        compute.update(gpu_hours=gh, wall_clock_hours=gh / n_gpus, wall_clock_days=gh / n_gpus / 24)
+    else:
+        warnings.append("data.samples is 0: set it to get total FLOPs and GPU-hours")
+
+    implied = None
+    run_hours, source = (hours, "--hours") if hours is not None else (recipe.compute.reported_hours, "paper-reported")
+    if run_hours and samples:
+        denom = n_gpus * run_hours * 3600 * peak
+        implied = dict(hours=run_hours, source=source, gpus=n_gpus, mfu=total_model / denom, hfu=total_hw / denom)
+        if implied["hfu"] > 1.0:
+            warnings.append(f"{run_hours:g} h on {n_gpus} GPUs would need {implied['hfu']:.2f}x the peak: impossible "
+                            "at these token counts")
+
+    return {
+        "recipe": recipe.name,
+        "stage": recipe.stage,
+        "arch": recipe.model.arch,
+        "cluster": dict(gpu=card.key, gpu_name=card.name, gpus=n_gpus, memory_gib=card.memory_gib,
+                        usable_fraction=USABLE_FRACTION, usable_bytes=int(usable), peak_flops=peak,
+                        peak_kind=PEAK_LABEL[precision]),
+        "batch": dict(global_batch=recipe.data.global_batch, micro_batch=b, accumulation=accumulation,
+                      samples=samples, steps=recipe.steps),
+        "tokens": dict(image=s_img, text=s_txt if not distill else 0, image_size=img_size, patches=patches,
+                       image_method=recipe.tokens.image.method, text_method=recipe.tokens.text.method,
+                       images_per_sample=per_sample),
+        "params": params,
+        "memory": dict(precision=precision, attention="sdpa", grad_checkpointing=ckpt,
+                       zero_stage=recipe.deepspeed.zero_stage, offload_optimizer=off_opt, offload_param=off_param,
+                       largest_block_params=largest_block, activations=act, stages=stages),
+        "flops": dict(forward_per_sample={k: float(v) for k, v in fwd.items()},
+                      forward_total_per_sample=float(sum(fwd.values())), model_per_sample=float(model_ps),
+                      hardware_per_sample=float(hw_ps), total_model=float(total_model),
+                      total_hardware=float(total_hw)),
+        "compute": compute,
+        "implied": implied,
+        "warnings": warnings,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- printing
+def _gib(x: float) -> str:
+    v = x / GiB
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:,.2f} {unit}" if x / scale < 1e6 else f"{x:.3e} FLOP"
+    return f"{x:,.0f} FLOP"
+
+
+def _render(r: dict) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    cl, p = r["cluster"], r["params"]
+
+    t = Table(title=f"Parameters — {r['recipe']} ({r['stage']}, arch {r['arch']})", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    t.add_column("part")
+    t.add_column("parameters", justify="right")
+    t.add_column("billions", justify="right")
+    rows = [("vision tower" + (" (student trunk + MIM head)" if r["stage"] == "distill" else ""), p["vision"])]
+    if r["stage"] == "distill":
+        rows += [("  of which mask_token + lm_head", p["mim_head"]),
+                 ("teacher vision (frozen: weights only)", p["teacher_vision"])]
+    else:
+        rows += [("text tower", p["text"]), ("other (logit_scale)", p["other"])]
+    rows += [("trainable", p["trainable"]), ("total", p["total"])]
+    for name, n in rows:
+        t.add_row(name, f"{n:,}", f"{n / 1e9:.3f}")
+    con.print(t)
+
+    mem, act = r["memory"], r["memory"]["activations"]
+    b = r["batch"]["micro_batch"]
+    t = Table(title=f"Memory per GPU, GiB ({cl['gpu_name']} x {cl['gpus']}, {mem['precision']}, micro batch {b})",
+              caption=f"✓ fits: states + activations <= {cl['usable_fraction']:.0%} of {cl['memory_gib']} GiB",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("ZeRO", "weights", "grads", "optim", "buffers", "states", "ckpt", "no ckpt", "max b"):
+        t.add_column(col, justify="right", no_wrap=True)
+
+    def cell(row, key):
+        ok = row[f"fits_{key}"]
+        return f"[{'green' if ok else 'red'}]{_gib(row[f'total_{key}_bytes'])} {'✓' if ok else '✗'}[/]"
+
+    for row in mem["stages"]:
+        k = row["zero_stage"]
+        label = f"{k}{'*' if k == mem['zero_stage'] else ''}"
+        if row["offloaded"]:
+            label += " (offload " + "+".join(row["offloaded"]) + ")"
+        t.add_row(label, _gib(row["weights_bytes"]), _gib(row["grads_bytes"]), _gib(row["optimizer_bytes"]),
+                  _gib(row["buffers_bytes"]), _gib(row["model_states_bytes"]), cell(row, "ckpt"), cell(row, "full"),
+                  f"{row['max_micro_batch_ckpt']:,} / {row['max_micro_batch_full']:,}")
+    con.print(t)
+    ck, fu = act["checkpointed"], act["full"]
+    con.print(f"  activations at micro batch {b}: {_gib(ck['total_bytes'])} GiB with checkpointing "
+              f"(loss {_gib(ck['loss_bytes'])}, one recomputed layer {_gib(ck['recompute_layer_bytes'])}), "
+              f"{_gib(fu['total_bytes'])} GiB without; * = the recipe's stage "
+              f"(checkpointing {'on' if mem['grad_checkpointing'] else 'off'}); max b = largest micro batch that fits, "
+              "with / without checkpointing; "
+              f"buffers = ZeRO-3 gather of the largest block ({mem['largest_block_params'] / 1e6:,.0f}M params)")
+
+    fl, comp, tok = r["flops"], r["compute"], r["tokens"]
+    t = Table(title="Compute", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("quantity", no_wrap=True)
+    t.add_column("value", justify="right")
+    t.add_row("tokens per sample", f"image {tok['image']} ({tok['image_size']} px, {tok['image_method']})"
+              + (f", text {tok['text']} ({tok['text_method']})" if r["stage"] != "distill" else "")
+              + (f", {tok['images_per_sample']:.2f} images/sample" if tok["images_per_sample"] != 1 else ""))
+    for name, v in fl["forward_per_sample"].items():
+        if v or name != "loss":
+            t.add_row(f"forward / sample: {name}" + (" (frozen)" if name == "teacher" else ""), _flops(v))
+    t.add_row("model FLOPs / sample (training)", _flops(fl["model_per_sample"]))
+    t.add_row("hardware FLOPs / sample (with recompute)", _flops(fl["hardware_per_sample"]))
+    t.add_row("samples / steps", f"{r['batch']['samples']:,} / {r['batch']['steps']:,}")
+    t.add_row("total model FLOPs", f"{fl['total_model']:.3e}")
+    t.add_row("peak per GPU", f"{cl['peak_flops'] / 1e12:,.0f} TFLOP/s ({cl['peak_kind']})")
+    if comp["gpu_hours"] is not None:
+        t.add_row(f"GPU-hours at {comp['mfu']:.0%} MFU", f"{comp['gpu_hours']:,.0f}")
+        t.add_row(f"wall-clock on {cl['gpus']} GPUs", f"{comp['wall_clock_hours']:,.0f} h = "
+                  f"{comp['wall_clock_days']:,.1f} days")
+    imp = r["implied"]
+    if imp:
+        t.add_row(f"MFU implied by {imp['hours']:g} h on {imp['gpus']} GPUs ({imp['source']})",
+                  f"{imp['mfu']:.3f} (HFU {imp['hfu']:.3f})")
+    con.print(t)
+    if imp and imp["source"] == "paper-reported":
+        con.print(f"  check against the paper: {imp['hours']:g} h on {imp['gpus']} x {cl['gpu_name']} for "
+                  f"{r['batch']['samples']:,} samples implies MFU {imp['mfu']:.1%} (HFU {imp['hfu']:.1%} with "
+                  "recompute)")
+    for w in r["warnings"]:
+        con.print(f"[yellow]note:[/] {w}")
+
+
+def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: Optional[int] = None,
+                 hours: Optional[float] = None, mfu: float = DEFAULT_MFU, as_json: bool = False) -> dict:
+    """Load the recipe, estimate, print tables (or one JSON object with ``as_json``)."""
+    from .recipes import load_recipe
+
+    r = estimate(load_recipe(recipe, overrides).recipe, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu)
+    if as_json:
+        import sys
+
+        sys.stdout.write(json.dumps(r, indent=2) + "\n")
+    else:
+        _render(r)
+    return r
+
