@@ -16,8 +16,8 @@ from .errors import UserError
 
 app = typer.Typer(
     name="evaclip",
-    help="The EVA-CLIP-18B lifecycle in one tool: recipes, estimate, convert (train, distill, video, eval and "
-    "push build on these).",
+    help="The EVA-CLIP-18B lifecycle in one tool: train on DeepSpeed, convert, estimate, recipes and data "
+    "(distill, finetune-video, eval and push build on these).",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+from .data.cli import data_app  # noqa: E402  (light: its commands import lazily)
+
+app.add_typer(data_app, name="data")
 
 OVERRIDES_HELP = "Recipe overrides, section.key=value (e.g. optimizer.lr=1e-4 data.micro_batch=16)."
 

@@ -76,3 +76,57 @@ def all_reduce_state(state: dict) -> dict:
     c = len(state["per_class_hit"])
     return {"n": int(flat[0]), "top1": int(flat[1]), "top5": int(flat[2]), "per_class_hit": flat[3:3 + c],
             "per_class_n": flat[3 + c:]}
+
+
+def eval_transform(image_size: int):
+    """CLIP eval preprocessing: resize the short side (bicubic), center crop, CLIP mean/std."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size),
+                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+def zeroshot_on_folder(model, root, spec, device, rank: int = 0, world_size: int = 1, batch_size: int = 256,
+                       dtype=None, workers: int = 0) -> dict:
+    """Zero-shot classification of an ImageFolder-style eval set (``classnames.txt``, ``templates.txt``).
+
+    Each rank encodes a disjoint, equally long slice (padded with repeats that are not counted), so ZeRO-3 ranks run
+    the same number of forwards; counts are summed over ranks."""
+    import torch
+    from open_clip import get_tokenizer  # noqa: F401  (tokenizer is open_clip's)
+    from open_clip.tokenizer import tokenize
+
+    from .data.eval_sets import load_zeroshot_folder
+
+    dataset, classnames, templates = load_zeroshot_folder(root, transform=eval_transform(spec.vision.image_size))
+    ctx_len = spec.text.context_length
+
+    def tok(texts):
+        return tokenize(texts, context_length=ctx_len)
+
+    with torch.no_grad():
+        W = zeroshot_classifier(model.encode_text, tok, classnames, templates, device).to(device)
+        n = len(dataset)
+        per_rank = -(-n // world_size)
+        idx = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+        steps = -(-per_rank // batch_size)
+        state = None
+        for s in range(steps):
+            chunk = idx[s * batch_size:(s + 1) * batch_size]
+            items = [dataset[i] for i in chunk] if chunk else [dataset[0]]
+            images = torch.stack([im for im, _ in items]).to(device)
+            if dtype is not None:
+                images = images.to(dtype)
+            labels = torch.tensor([lab for _, lab in items])
+            feats = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+            logits = 100.0 * feats @ W
+            if chunk:
+                state = accumulate(logits, labels, len(classnames), state)
+        if state is None:
+            state = accumulate(torch.zeros(0, len(classnames)), torch.zeros(0, dtype=torch.long), len(classnames))
+        state = all_reduce_state(state)
+    res = finalize(state)
+    res["chance"] = 1.0 / len(classnames)
+    res["classes"] = len(classnames)
+    return res

@@ -1,7 +1,6 @@
 """``evaclip train``: contrastive CLIP training, the CLIP stage of the shared engine."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -58,15 +57,12 @@ class ClipStage:
         init_from_recipe(model, r.init, separate_qkv=not self.spec.vision.qkv_fused, is_main=ctx.info.is_main,
                          zero3=zero3, log=ctx.print)
         if r.model.vision.drop_path:
-            import torch
+            from timm.layers import DropPath
 
             for i, blk in enumerate(model.visual.trunk.blocks):
                 rate = r.model.vision.drop_path * i / max(1, len(model.visual.trunk.blocks) - 1)
                 if rate > 0:
-                    from timm.layers import DropPath
-
                     blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
-            del torch
         if r.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         t = r.tokens.image
@@ -97,13 +93,12 @@ class ClipStage:
     def sources(self, ctx):
         r = self.recipe
         if r.data.demo:
-            root = ensure_demo(ctx.info.is_main, ctx.console)
             from .recipes import Source
 
-            srcs = [Source(shards=str(p)) for p in [root / "train"]]
+            root = ensure_demo(ctx.info.is_main, ctx.console)
             if not r.eval.datasets:
                 self.eval_sets = [(f"demo-{d.name}", d) for d in sorted((root / "zeroshot").iterdir()) if d.is_dir()]
-            return [Source(shards=_shard_pattern(root / "train"))] if srcs else []
+            return [Source(shards=_shard_pattern(root / "train"))]
         if not r.data.train:
             raise UserError("the recipe has no data.train sources (and data.demo is false); add "
                             "data.train = [{ shards = \"path/{00000..00099}.tar\" }]")
@@ -158,7 +153,7 @@ class ClipStage:
 
     # ---- eval ------------------------------------------------------------------------------------------------
     def evaluate(self, ctx, step):
-        from .evaluate_sets import zeroshot_on_folder
+        from .evaluate import zeroshot_on_folder
 
         if not self.eval_sets:
             return {}
@@ -225,5 +220,3 @@ def summary_line(result: dict) -> str:
         parts.append(f"{name} top-1 {acc * 100:.1f}%" + (f" (chance {chance * 100:.1f}%)" if chance else ""))
     return "; ".join(parts) if parts else "no zero-shot eval set"
 
-
-_ = math  # noqa

@@ -109,7 +109,7 @@ def test_model_name_instead_of_json(tmp_path):
     write_eva_file(model.state_dict(), ARCHS["tiny"], tmp_path / "tiny.pt")
     assert run_cli(["convert", tmp_path / "tiny.pt", tmp_path / "oc", "--model", "tiny"]) == 0
     loaded = load_oc(tmp_path / "oc")[0]
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), model.eval().encode_image(x))
 

@@ -18,11 +18,7 @@ def build_optimizer(param_groups: list[dict], cfg):
 
 def attach(optimizer, engine) -> None:
     """Let a ZeRO-aware optimizer learn how DeepSpeed partitioned the parameters (no-op for others)."""
-    hook = getattr(optimizer, "attach_to_engine", None)
-    if hook is None:
-        from . import lamb
-
-        if isinstance(optimizer, getattr(lamb, "Lamb", ())):
-            lamb.attach_to_engine(engine)
-        return
-    hook(engine)
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrappers keep the client one inside
+    hook = getattr(inner, "attach_to_engine", None)
+    if hook is not None:
+        hook(engine)

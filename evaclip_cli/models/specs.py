@@ -130,7 +130,7 @@ ARCHS: dict[str, ClipSpec] = {
     # CPU demo scale: 18B style (RMSNorm, no qkv bias, post-norm) at toy width.
     "tiny": ClipSpec(
         embed_dim=64,
-        vision=VisionSpec(image_size=32, patch_size=8, width=96, depth=3, heads=4, mlp_dim=384, norm="rms",
+        vision=VisionSpec(image_size=64, patch_size=8, width=96, depth=3, heads=4, mlp_dim=384, norm="rms",
                           qkv_bias=False, post_norm=True),
         text=TextSpec(width=64, heads=4, layers=2, context_length=32),
     ),

@@ -1,0 +1,65 @@
+"""``evaclip data make-demo|inspect``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+data_app = typer.Typer(help="Make and inspect datasets.", no_args_is_help=True)
+
+
+@data_app.command("make-demo")
+def make_demo_cmd(
+    out: Path = typer.Argument(Path("demo_data"), help="Output folder."),
+    train: int = typer.Option(6400, "--train", min=1, help="Training image-text pairs."),
+    val: int = typer.Option(512, "--val", min=1, help="Held-out image-text pairs."),
+    image_size: int = typer.Option(64, "--image-size", min=16, help="Image side in pixels."),
+    per_class: int = typer.Option(40, "--per-class", min=1, help="Zero-shot eval images per class."),
+    seed: int = typer.Option(0, "--seed", help="Seed (the data is a pure function of it)."),
+    force: bool = typer.Option(False, "--force", help="Regenerate even if the folder is current."),
+):
+    """Write the embedded procedural demo dataset (train/val webdataset shards, zero-shot eval folders)."""
+    from rich.console import Console
+
+    from .demo import make_demo
+
+    meta = make_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
+                     force=force)
+    zs = ", ".join(f"{k} ({len(v['classes'])} classes)" for k, v in meta["zeroshot"].items())
+    Console().print(f"{out}: {meta['train']['samples']} train pairs in {meta['train']['shards']} shards, "
+                    f"{meta['val']['samples']} held-out pairs, zero-shot sets: {zs}")
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    shards: str = typer.Argument(..., help="Shard pattern, e.g. 'data/{00000..00099}.tar' (quote the braces)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Count samples, extensions and corrupt samples of webdataset shards; show a few captions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..errors import UserError
+    from .wds import inspect_shards
+
+    rep = inspect_shards(shards)
+    if rep["shards"] == 0:
+        raise UserError(f"'{shards}' names no shard")
+    if json_out:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    t = Table(title=f"{shards}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    for k in ("shards", "samples", "usable", "corrupt", "missing_part", "shard_errors"):
+        t.add_row(k, f"{rep[k]:,}")
+    t.add_row("extensions", ", ".join(f"{k} {v:,}" for k, v in sorted(rep["extensions"].items())))
+    if rep["image_size"]:
+        s = rep["image_size"]
+        t.add_row("image size (w×h)", f"min {s['min'][0]}×{s['min'][1]}, mean {s['mean'][0]}×{s['mean'][1]}, "
+                                        f"max {s['max'][0]}×{s['max'][1]}")
+    c = Console()
+    c.print(t)
+    for cap in rep["captions"]:
+        c.print(f"  • {cap}")

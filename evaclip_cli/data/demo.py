@@ -1,0 +1,202 @@
+"""The embedded demo dataset: procedural images with captions, deterministic, no download.
+
+Each image is one shape (8 kinds) in one colour (8 named colours), at a random size, position and rotation, on a
+random gradient/textured background with mild noise. Captions come from varied templates and sometimes mention
+size or position. Written in the layout img2dataset writes (``KEY.jpg`` + ``KEY.txt`` + ``KEY.json`` in tar
+shards), plus ImageFolder zero-shot sets (shapes, colours) built from held-out seeds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+VERSION = 1
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+TEMPLATES = [
+    "a photo of a {color} {shape}.", "a {color} {shape}.", "a {size} {color} {shape}.",
+    "a {color} {shape} on a {bg} background.", "a drawing of a {shape} in {color}.",
+    "a {color} {shape} {where}.", "the {shape} is {color}.", "an image showing a {size} {color} {shape}.",
+]
+ZS_TEMPLATES = {
+    "shapes": ["a photo of a {c}.", "a {c}.", "a drawing of a {c}.", "an image of a {c} shape."],
+    "colors": ["something {c}.", "a {c} shape.", "a photo of something {c}.", "a {c} object."],
+}
+SHARD_SIZE = 500
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rot: float):
+    def pts(n, radii):
+        return [(cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
+                 cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n)) for i in range(n)]
+
+    if shape == "square":
+        return pts(4, [r * 1.2])
+    if shape == "triangle":
+        return pts(3, [r * 1.25])
+    if shape == "diamond":
+        return pts(4, [r * 1.3, r * 0.75])
+    if shape == "star":
+        return pts(10, [r * 1.3, r * 0.55])
+    if shape == "cross":
+        a, b = r * 1.1, r * 0.38
+        base = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b),
+                (-b, -b)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
+    if shape == "heart":
+        out = []
+        for i in range(40):
+            t = 2 * math.pi * i / 40
+            x = 16 * math.sin(t) ** 3
+            y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+            out.append((cx + x * r / 15, cy + y * r / 15))
+        return out
+    raise ValueError(shape)
+
+
+def render(rng: random.Random, size: int):
+    """One sample: (PIL image, caption, metadata)."""
+    from PIL import Image, ImageDraw
+
+    shape = rng.choice(SHAPES)
+    color = rng.choice(list(COLORS))
+    fg = COLORS[color]
+    dark = rng.random() < 0.5
+    base = [rng.randint(10, 90) if dark else rng.randint(160, 235) for _ in range(3)]
+    if color in ("white", "yellow") and not dark:
+        base = [rng.randint(10, 90) for _ in range(3)]
+        dark = True
+    if color == "black" and dark:
+        base = [rng.randint(160, 235) for _ in range(3)]
+        dark = False
+    img = Image.new("RGB", (size, size), tuple(base))
+    d = ImageDraw.Draw(img)
+    # gradient / stripes background texture
+    for y in range(0, size, 4):
+        shade = int(18 * math.sin(y / size * math.pi * rng.uniform(0.5, 3)))
+        d.rectangle([0, y, size, y + 3], fill=tuple(max(0, min(255, c + shade)) for c in base))
+    scale = rng.choice(["small", "large"])
+    r = size * (rng.uniform(0.12, 0.2) if scale == "small" else rng.uniform(0.25, 0.34))
+    cx, cy = rng.uniform(r * 1.3, size - r * 1.3), rng.uniform(r * 1.3, size - r * 1.3)
+    rot = rng.uniform(0, 2 * math.pi)
+    jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in fg)
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+    elif shape == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=jitter, width=max(2, int(r * 0.35)))
+    else:
+        d.polygon(_polygon(shape, cx, cy, r, rot), fill=jitter)
+    # mild noise: a few random pixels
+    px = img.load()
+    for _ in range(size * size // 40):
+        x, y = rng.randrange(size), rng.randrange(size)
+        c = px[x, y]
+        px[x, y] = tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in c)
+    vert = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else "middle"
+    horiz = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else "center"
+    if (vert, horiz) == ("middle", "center"):
+        where = "in the center"
+    elif vert == "middle":
+        where = f"on the {horiz}"
+    elif horiz == "center":
+        where = f"at the {vert}"
+    else:
+        where = f"in the {vert} {horiz} corner"
+    caption = rng.choice(TEMPLATES).format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
+                                           where=where)
+    return img, caption, {"shape": shape, "color": color, "size": scale, "where": where}
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, optimize=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shards(folder: Path, n: int, seed: int, size: int, prefix: str) -> int:
+    folder.mkdir(parents=True)
+    written = 0
+    for shard in range(math.ceil(n / SHARD_SIZE)):
+        with tarfile.open(folder / f"shard-{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(shard * SHARD_SIZE, min(n, (shard + 1) * SHARD_SIZE)):
+                rng = random.Random(f"{seed}-{prefix}-{i}")
+                img, caption, meta = render(rng, size)
+                key = f"{prefix}{i:07d}"
+                _add(tar, f"{key}.jpg", _jpeg(img))
+                _add(tar, f"{key}.txt", caption.encode())
+                _add(tar, f"{key}.json", json.dumps({"key": key, "caption": caption, **meta}).encode())
+                written += 1
+    return written
+
+
+def _write_zeroshot(root: Path, per_class: int, seed: int, size: int) -> dict:
+    out = {}
+    for task, classes in (("shapes", SHAPES), ("colors", list(COLORS))):
+        folder = root / task
+        counts = {c: 0 for c in classes}
+        i = 0
+        while min(counts.values()) < per_class:
+            rng = random.Random(f"{seed}-zs-{task}-{i}")
+            img, _, meta = render(rng, size)
+            label = meta["shape" if task == "shapes" else "color"]
+            i += 1
+            if counts[label] >= per_class:
+                continue
+            d = folder / "test" / label
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{counts[label]:04d}.jpg").write_bytes(_jpeg(img))
+            counts[label] += 1
+        (folder / "classnames.txt").write_text("".join(c + "\n" for c in sorted(classes)))
+        (folder / "templates.txt").write_text("".join(t + "\n" for t in ZS_TEMPLATES[task]))
+        out[task] = {"classes": sorted(classes), "per_class": per_class}
+    return out
+
+
+def make_demo(out: Path | str, n_train: int = 6400, n_val: int = 512, image_size: int = 64, seed: int = 0,
+              per_class: int = 40, n_videos: int = 0, force: bool = False) -> dict:
+    """Write the demo dataset to ``out`` (atomically); reuse it when it is already there with the same settings."""
+    if n_videos:
+        raise NotImplementedError("demo videos are added with the video stage (finetune-video); n_videos must be 0")
+    out = Path(out)
+    params = {"version": VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed,
+              "per_class": per_class}
+    meta_path = out / "demo.json"
+    if meta_path.is_file() and not force:
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("params") == params:
+                return meta
+        except json.JSONDecodeError:
+            pass
+    t0 = time.perf_counter()
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    n_tr = _write_shards(tmp / "train", n_train, seed, image_size, "tr")
+    n_va = _write_shards(tmp / "val", n_val, seed + 1_000_003, image_size, "va")
+    zs = _write_zeroshot(tmp / "zeroshot", per_class, seed + 2_000_003, image_size)
+    meta = {"params": params, "train": {"samples": n_tr, "shards": len(list((tmp / "train").glob("*.tar")))},
+            "val": {"samples": n_va}, "zeroshot": zs, "seconds": round(time.perf_counter() - t0, 2)}
+    (tmp / "demo.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return meta

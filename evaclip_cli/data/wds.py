@@ -1,0 +1,367 @@
+"""Image-text training data from webdataset tar shards (the layout img2dataset writes), deterministic and resumable.
+
+Shards: brace-expandable patterns (``data/{00000..00999}.tar``), several joined with ``::``, several sources mixed
+by weight. Samples: ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt`` (+ ``KEY.json``, ignored here).
+
+How the stream is made (per rank r and DataLoader worker w, the *stream* s = r·W + w):
+
+* a stream reads *units*: unit u is one shard read front to back. Resampled: unit u's shard is drawn by source
+  weight from an RNG seeded by (seed, s, u) — nothing depends on earlier units. Epoch mode: unit u is shard
+  ``order_e[s + S·i]`` of epoch e's permutation (or, with fewer shards than streams, every shard with the members
+  ``k ≡ s (mod S)``).
+* inside a unit, samples are shuffled within blocks of ``shuffle_buffer`` raw members (permutation seeded by
+  (seed, s, u, block)); augmentation parameters come from an RNG seeded by (seed, s, u, member index).
+* a worker forms whole batches; torch's DataLoader hands them out round-robin over workers, in order.
+
+So a stream's position is just (unit, samples yielded in that unit). Every batch carries its stream's position and
+counters; ``TrainLoader.consumed(batch)`` records them, ``state_dict()`` returns them, and a loader built with that
+state skips to the same place in each stream (reading, not decoding, the members before it) and rotates the
+workers so the next batch comes from the right stream: the batches after a resume are the ones an uninterrupted
+run would have seen. Corrupt images, samples missing a part and unreadable shards are skipped and counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ..errors import UserError
+
+log = logging.getLogger("evaclip.data")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+COUNTERS = ("samples", "skipped_corrupt", "skipped_missing", "shard_errors")
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    out = []
+    for part in str(pattern).split("::"):
+        out.extend(braceexpand(part.strip()))
+    return out
+
+
+def _open(url: str):
+    if url.startswith("pipe:"):
+        import subprocess
+
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
+        return proc.stdout
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        return urllib.request.urlopen(url)
+    return open(url, "rb")
+
+
+def iter_members(url: str, counters: dict) -> Iterator[dict]:
+    """Samples of one shard, grouped by key, in tar order: {"__key__", ext: bytes, ...}. A read error ends the
+    shard (counted); the samples read before it are kept."""
+    current: dict = {}
+    try:
+        with _open(url) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = m.name.rsplit("/", 1)[-1]
+                if name.startswith(".") or "." not in name:
+                    continue
+                key, ext = name.split(".", 1)
+                prefix = m.name[: len(m.name) - len(name)]
+                key = prefix + key
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                if not current:
+                    current = {"__key__": key}
+                f = tar.extractfile(m)
+                current[ext.lower()] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        counters["shard_errors"] += 1
+        log.warning("shard %s: %s (rest of the shard skipped)", url, e)
+    if current:
+        yield current
+
+
+def rrc_params(rng: random.Random, width: int, height: int, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop parameters (torchvision's algorithm) from a private RNG."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class StreamDataset:
+    """The per-worker stream (an IterableDataset; see the module docstring)."""
+
+    def __init__(self, sources: list[tuple[list[str], float]], image_size: int, micro_batch: int, tokenizer,
+                 seed: int, rank: int, world_size: int, workers: int, resampled: bool, shuffle_buffer: int,
+                 scale, interpolation: str, hflip: bool, start: Optional[dict], rotate: int):
+        self.sources, self.image_size, self.micro_batch = sources, image_size, micro_batch
+        self.tokenizer, self.seed, self.rank, self.world_size = tokenizer, seed, rank, world_size
+        self.workers, self.resampled, self.block = max(1, workers), resampled, max(1, shuffle_buffer)
+        self.scale, self.interpolation, self.hflip = tuple(scale), interpolation, hflip
+        self.start = start or {}
+        self.rotate = rotate
+        self.all_shards = [s for shards, _ in sources for s in shards]
+
+    # ---- unit schedule ---------------------------------------------------------------------------------------
+    def _unit(self, stream: int, u: int) -> tuple[str, Optional[tuple[int, int]]]:
+        """(shard url, member filter (modulus, residue) or None) of unit u of a stream."""
+        n_streams = self.world_size * self.workers
+        if self.resampled:
+            rng = random.Random(_seed(self.seed, "unit", stream, u))
+            weights = [w for _, w in self.sources]
+            shards, _ = self.sources[rng.choices(range(len(self.sources)), weights=weights)[0]]
+            return shards[rng.randrange(len(shards))], None
+        n = len(self.all_shards)
+        if n >= n_streams:
+            per_epoch = len(range(stream, n, n_streams))
+            epoch, i = divmod(u, per_epoch)
+            order = list(range(n))
+            random.Random(_seed(self.seed, "epoch", epoch)).shuffle(order)
+            return self.all_shards[order[stream + n_streams * i]], None
+        epoch, i = divmod(u, n)
+        order = list(range(n))
+        random.Random(_seed(self.seed, "epoch", epoch)).shuffle(order)
+        return self.all_shards[order[i]], (n_streams, stream)
+
+    # ---- samples ---------------------------------------------------------------------------------------------
+    def _samples(self, stream: int, counters: dict):
+        """(unit, index in unit, member index, raw sample) in yield order, from the stream's start position."""
+        unit, offset = self.start.get(str(stream), [0, 0])
+        empty_run = 0
+        while True:
+            url, filt = self._unit(stream, unit)
+            members = iter_members(url, counters)
+            if filt is not None:
+                members = (m for k, m in enumerate(members) if k % filt[0] == filt[1])
+            block_idx, pos, got_any = 0, 0, False
+            while True:
+                block = []
+                for _ in range(self.block):
+                    m = next(members, None)
+                    if m is None:
+                        break
+                    block.append(m)
+                if not block:
+                    break
+                got_any = True
+                order = list(range(len(block)))
+                random.Random(_seed(self.seed, "shuffle", stream, unit, block_idx)).shuffle(order)
+                for j in order:
+                    if pos >= offset:
+                        yield unit, pos + 1, block_idx * self.block + j, block[j]
+                    pos += 1
+                block_idx += 1
+            empty_run = 0 if got_any else empty_run + 1
+            if empty_run >= 1000:
+                raise RuntimeError(f"stream {stream}: 1000 shards in a row without a readable sample")
+            unit, offset = unit + 1, 0
+
+    def _decode(self, raw: dict, rng: random.Random, counters: dict):
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None or "txt" not in raw:
+            counters["skipped_missing"] += 1
+            return None
+        try:
+            with Image.open(io.BytesIO(raw[ext])) as im:
+                im.load()
+                img = im.convert("RGB")
+            caption = raw["txt"].decode("utf-8").strip()
+        except Exception:
+            counters["skipped_corrupt"] += 1
+            return None
+        if not caption:
+            counters["skipped_missing"] += 1
+            return None
+        i, j, h, w = rrc_params(rng, img.width, img.height, self.scale)
+        interp = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+        img = TF.resized_crop(img, i, j, h, w, [self.image_size, self.image_size], interpolation=interp,
+                              antialias=True)
+        if self.hflip and rng.random() < 0.5:
+            img = TF.hflip(img)
+        t = TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+        return t, caption
+
+    def __iter__(self):
+        import numpy as np
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (worker + self.rotate) % self.workers
+        stream = self.rank * self.workers + local
+        counters = dict(self.start.get("counters", {}).get(str(stream), {k: 0 for k in COUNTERS}))
+        torch.set_num_threads(1)
+        images, captions, pos = [], [], None
+        for unit, upos, member, raw in self._samples(stream, counters):
+            counters["samples"] += 1
+            rng = random.Random(_seed(self.seed, "aug", stream, unit, member))
+            item = self._decode(raw, rng, counters)
+            pos = [unit, upos]
+            if item is None:
+                continue
+            images.append(item[0])
+            captions.append(item[1])
+            if len(images) == self.micro_batch:
+                trng = np.random.default_rng(_seed(self.seed, "text", stream, *pos))
+                yield {"image": torch.stack(images), "text": self.tokenizer(captions, trng), "stream": stream,
+                       "pos": list(pos), "counters": dict(counters)}
+                images, captions = [], []
+
+
+class TrainLoader:
+    """The DataLoader plus the bookkeeping that makes it resumable (see the module docstring)."""
+
+    def __init__(self, dataset: StreamDataset, workers: int, state: Optional[dict]):
+        import torch
+
+        self.dataset, self.workers = dataset, max(1, workers)
+        self.state = {"batches": 0, "streams": {}, "counters": {}}
+        if state:
+            self.state = {"batches": int(state["batches"]), "streams": dict(state["streams"]),
+                          "counters": dict(state.get("counters", {}))}
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None, pin_memory=False)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def consumed(self, batch: dict) -> None:
+        s = str(batch["stream"])
+        self.state["streams"][s] = list(batch["pos"])
+        self.state["counters"][s] = dict(batch["counters"])
+        self.state["batches"] += 1
+
+    def state_dict(self) -> dict:
+        return {"batches": self.state["batches"], "streams": dict(self.state["streams"]),
+                "counters": dict(self.state["counters"]), "workers": self.workers}
+
+    def counters(self) -> dict:
+        total = {k: 0 for k in COUNTERS}
+        for c in self.state["counters"].values():
+            for k in COUNTERS:
+                total[k] += c.get(k, 0)
+        return total
+
+
+def build_train_loader(sources, image_size: int, micro_batch: int, workers: int, tokenizer, seed: int = 0,
+                       rank: int = 0, world_size: int = 1, resampled: bool = True, shuffle_buffer: int = 1000,
+                       scale=(0.9, 1.0), interpolation: str = "bicubic", hflip: bool = False,
+                       start_state: Optional[dict] = None) -> TrainLoader:
+    expanded = []
+    for src in sources:
+        shards = expand_shards(src.shards)
+        local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+        missing = [s for s in local if not Path(s).is_file()]
+        if local and len(missing) == len(local):
+            raise UserError(f"data.train shards '{src.shards}': no such file ({missing[0]}); check the path")
+        shards = [s for s in shards if s not in missing]
+        if missing:
+            log.warning("%d of %d shards of %s are missing; training on the rest", len(missing),
+                        len(missing) + len(shards), src.shards)
+        if src.weight <= 0:
+            raise UserError(f"data.train source '{src.shards}' has weight {src.weight}; weights must be > 0")
+        expanded.append((shards, float(src.weight)))
+    if not expanded:
+        raise UserError("no training data sources")
+    nworkers = max(1, workers)
+    start, rotate = None, 0
+    if start_state:
+        if int(start_state.get("workers", nworkers)) != nworkers:
+            raise UserError(f"the checkpoint's data position was written with data.workers = "
+                            f"{start_state.get('workers')}; resume with the same value (now {workers})")
+        start = {s: [int(p[0]), int(p[1])] for s, p in start_state["streams"].items()}
+        start["counters"] = start_state.get("counters", {})
+        rotate = int(start_state["batches"]) % nworkers
+    ds = StreamDataset(expanded, image_size, micro_batch, tokenizer, seed, rank, world_size, nworkers, resampled,
+                       shuffle_buffer, scale, interpolation, hflip, start, rotate)
+    return TrainLoader(_Iterable(ds), workers, start_state)
+
+
+def _Iterable(ds):
+    import torch
+
+    class _DS(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(ds)
+
+    return _DS()
+
+
+def inspect_shards(pattern: str, max_captions: int = 5) -> dict[str, Any]:
+    """Counts, extensions, sample captions and corrupt/missing counts of a set of shards."""
+    from PIL import Image
+
+    shards = expand_shards(pattern)
+    counters = {k: 0 for k in COUNTERS}
+    exts: dict[str, int] = {}
+    captions, sizes = [], []
+    per_shard = []
+    for url in shards:
+        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+            counters["shard_errors"] += 1
+            per_shard.append({"shard": url, "samples": 0, "error": "missing"})
+            continue
+        n_before, err_before = counters["samples"], counters["shard_errors"]
+        for raw in iter_members(url, counters):
+            counters["samples"] += 1
+            for e in raw:
+                if e != "__key__":
+                    exts[e] = exts.get(e, 0) + 1
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None or "txt" not in raw:
+                counters["skipped_missing"] += 1
+                continue
+            try:
+                with Image.open(io.BytesIO(raw[ext])) as im:
+                    im.load()
+                    sizes.append(im.size)
+                cap = raw["txt"].decode("utf-8").strip()
+            except Exception:
+                counters["skipped_corrupt"] += 1
+                continue
+            if len(captions) < max_captions:
+                captions.append(cap)
+        per_shard.append({"shard": url, "samples": counters["samples"] - n_before,
+                          "error": "unreadable" if counters["shard_errors"] > err_before else None})
+    ok = counters["samples"] - counters["skipped_corrupt"] - counters["skipped_missing"]
+    stats = {}
+    if sizes:
+        ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+        stats = {"min": [min(ws), min(hs)], "max": [max(ws), max(hs)],
+                 "mean": [round(sum(ws) / len(ws), 1), round(sum(hs) / len(hs), 1)]}
+    return {"shards": len(shards), "samples": counters["samples"], "usable": ok,
+            "corrupt": counters["skipped_corrupt"], "missing_part": counters["skipped_missing"],
+            "shard_errors": counters["shard_errors"], "extensions": exts, "captions": captions,
+            "image_size": stats, "per_shard": per_shard}

@@ -1,0 +1,168 @@
+"""Data: the demo dataset, the resumable webdataset pipeline, corrupt-sample handling, text reduction."""
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaclip_cli.data.demo import make_demo
+from evaclip_cli.data.eval_sets import load_zeroshot_folder
+from evaclip_cli.data.text import make_tokenizer
+from evaclip_cli.data.wds import build_train_loader, inspect_shards
+from evaclip_cli.errors import UserError
+from evaclip_cli.recipes import Source
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "d"
+    make_demo(root, n_train=600, n_val=60, per_class=3)
+    return root
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_is_deterministic_and_complete(demo, tmp_path):
+    again = tmp_path / "again"
+    make_demo(again, n_train=600, n_val=60, per_class=3)
+    assert _digest(demo / "train") == _digest(again / "train")
+    meta = json.loads((demo / "demo.json").read_text())
+    assert meta["train"] == {"samples": 600, "shards": 2}
+    other = tmp_path / "other"
+    make_demo(other, n_train=600, n_val=60, per_class=3, seed=1)
+    assert _digest(demo / "train") != _digest(other / "train")
+    # train and held-out splits share no image
+    tr = {m.name: 1 for m in tarfile.open(demo / "train" / "shard-00000.tar")}
+    with tarfile.open(demo / "train" / "shard-00000.tar") as t:
+        train_imgs = {hashlib.md5(t.extractfile(m).read()).hexdigest() for m in t if m.name.endswith(".jpg")}
+    with tarfile.open(demo / "val" / "shard-00000.tar") as t:
+        val_imgs = {hashlib.md5(t.extractfile(m).read()).hexdigest() for m in t if m.name.endswith(".jpg")}
+    assert tr and not (train_imgs & val_imgs)
+    ds, classes, templates = load_zeroshot_folder(demo / "zeroshot" / "shapes")
+    assert len(classes) == 8 and len(ds) == 24 and all("{c}" in t for t in templates)
+    # second call reuses the data
+    assert make_demo(demo, n_train=600, n_val=60, per_class=3)["seconds"] == meta["seconds"]
+
+
+def _loader(demo, workers=0, state=None, batch=16, resampled=True, rank=0, world=1, shards=None, **kw):
+    tok = make_tokenizer(32)
+    src = [Source(shards=shards or str(demo / "train" / "shard-{00000..00001}.tar"))]
+    return build_train_loader(src, image_size=32, micro_batch=batch, workers=workers, tokenizer=tok, seed=3,
+                              rank=rank, world_size=world, resampled=resampled, shuffle_buffer=50,
+                              start_state=state, **kw)
+
+
+def test_batches(demo):
+    loader = _loader(demo)
+    b = next(iter(loader))
+    assert b["image"].shape == (16, 3, 32, 32) and b["image"].dtype == torch.float32
+    assert b["text"].shape == (16, 32) and b["text"].dtype == torch.long
+    assert -3 < b["image"].mean() < 3 and b["image"].std() > 0.3  # CLIP-normalised
+
+
+def _take(loader, n):
+    out, it = [], iter(loader)
+    for _ in range(n):
+        b = next(it)
+        loader.consumed(b)
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("workers,resampled", [(2, True), (2, False), (0, True)])
+def test_exact_resume(demo, workers, resampled):
+    full = _take(_loader(demo, workers, resampled=resampled), 12)
+    first = _loader(demo, workers, resampled=resampled)
+    _take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    resumed = _take(_loader(demo, workers, state=state, resampled=resampled), 7)
+    for a, b in zip(full[5:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def _corrupt_copy(demo, tmp_path):
+    """Shard 0 with one undecodable image and one sample missing its caption; shard 1 truncated mid-file."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    with tarfile.open(demo / "train" / "shard-00000.tar") as src, tarfile.open(out / "a.tar", "w") as dst:
+        for i, m in enumerate(src):
+            data = src.extractfile(m).read()
+            if m.name == "tr0000003.jpg":
+                data = b"not a jpeg" * 10
+            if m.name == "tr0000005.txt":
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    raw = (demo / "train" / "shard-00001.tar").read_bytes()
+    (out / "b.tar").write_bytes(raw[: len(raw) // 3])
+    return out
+
+
+def test_corrupt_samples_are_skipped_and_counted(demo, tmp_path):
+    bad = _corrupt_copy(demo, tmp_path)
+    loader = _loader(demo, 0, resampled=False, shards=str(bad / "a.tar") + "::" + str(bad / "b.tar"), batch=50)
+    batches = _take(loader, 12)  # more than one epoch of the readable part
+    assert all(b["image"].shape[0] == 50 for b in batches)
+    c = loader.counters()
+    assert c["skipped_corrupt"] >= 1 and c["skipped_missing"] >= 1 and c["shard_errors"] >= 1
+    rep = inspect_shards(str(bad / "{a,b}.tar"))
+    # the truncated shard ends inside a sample: its image without caption counts as a missing part too
+    assert rep["corrupt"] == 1 and rep["missing_part"] in (1, 2) and rep["shard_errors"] == 1
+    assert rep["samples"] > 300 and len(rep["captions"]) == 5
+
+
+def test_ranks_read_different_data(demo):
+    a = _take(_loader(demo, 0, rank=0, world=2, resampled=False), 3)
+    b = _take(_loader(demo, 0, rank=1, world=2, resampled=False), 3)
+    assert not any(torch.equal(x["image"], y["image"]) for x in a for y in b)
+
+
+def test_missing_shards_are_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        _loader(tmp_path, shards=str(tmp_path / "nope-{0..3}.tar"))
+
+
+@pytest.mark.parametrize("method", ["truncate", "random", "block"])
+def test_text_reduction(method):
+    import numpy as np
+
+    tok = make_tokenizer(77, method, 8)
+    full = make_tokenizer(77)(["a small red circle in the top left corner of a dark picture"])
+    out = tok(["a small red circle in the top left corner of a dark picture", "a dog"], np.random.default_rng(0))
+    assert out.shape == (2, 8)
+    sot, eot = full[0, 0].item(), full[0].max().item()
+    assert (out[:, 0] == sot).all() and (out.argmax(dim=1) == torch.tensor([7, 3])).all()
+    assert out[0, 7].item() == eot
+    words = set(full[0, 1:full[0].argmax()].tolist())
+    assert set(out[0, 1:7].tolist()) <= words
+    if method == "truncate":
+        assert torch.equal(out[0, :7], full[0, :7])
+
+
+def test_syntax_masking_is_refused_clearly():
+    with pytest.raises(UserError, match="syntax"):
+        make_tokenizer(77, "syntax", 8)
+
+
+def test_zeroshot_folder_errors(tmp_path):
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    (tmp_path / "test" / "b").mkdir(parents=True)
+    with pytest.raises(UserError, match="empty class"):
+        load_zeroshot_folder(tmp_path)
+    from PIL import Image
+
+    for c in "ab":
+        Image.new("RGB", (8, 8)).save(tmp_path / "test" / c / "x.jpg")
+    (tmp_path / "classnames.txt").write_text("one\n")
+    with pytest.raises(UserError, match="1 class names for 2 class folders"):
+        load_zeroshot_folder(tmp_path)
