@@ -17,8 +17,9 @@ def build_optimizer(param_groups: list[dict], cfg):
 
 
 def attach(optimizer, engine) -> None:
-    """Let a ZeRO-aware optimizer learn how DeepSpeed partitioned the parameters (no-op for others)."""
+    """Let the ZeRO-aware LAMB learn how DeepSpeed partitioned the parameters (no-op for other optimizers)."""
+    from .lamb import Lamb, attach_to_engine
+
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrappers keep the client one inside
-    hook = getattr(inner, "attach_to_engine", None)
-    if hook is not None:
-        hook(engine)
+    if isinstance(inner, Lamb):
+        attach_to_engine(engine, inner)
