@@ -233,7 +233,8 @@ def train(
     if os.environ.get("RANK", "0") == "0":
         from rich.console import Console
 
-        Console().print(f"[bold green]done[/bold green] {result['step']} steps -> {out_dir}: {summary_line(result)}")
+        Console().print(f"[bold green]done[/bold green] {result['step']} steps -> {out_dir}: {summary_line(result)}",
+                        soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------------- convert

@@ -215,8 +215,12 @@ def load_deepspeed_state(path: Path) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         ds_logger.setLevel(logging.WARNING)
+        import contextlib
+        import io
+
         try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         except Exception as e:
             raise UserError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None

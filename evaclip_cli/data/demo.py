@@ -16,7 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
-VERSION = 1
+VERSION = 3
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -27,6 +27,9 @@ TEMPLATES = [
     "a {color} {shape} on a {bg} background.", "a drawing of a {shape} in {color}.",
     "a {color} {shape} {where}.", "the {shape} is {color}.", "an image showing a {size} {color} {shape}.",
 ]
+# captions that name only the shape: colour alone cannot explain these pairs, so the image tower has to see shape
+SHAPE_ONLY = ["a photo of a {shape}.", "a {size} {shape}.", "a {shape} {where}.", "a drawing of a {shape}.",
+              "a {shape} on a {bg} background."]
 ZS_TEMPLATES = {
     "shapes": ["a photo of a {c}.", "a {c}.", "a drawing of a {c}.", "an image of a {c} shape."],
     "colors": ["something {c}.", "a {c} shape.", "a photo of something {c}.", "a {c} object."],
@@ -86,9 +89,11 @@ def render(rng: random.Random, size: int):
         shade = int(18 * math.sin(y / size * math.pi * rng.uniform(0.5, 3)))
         d.rectangle([0, y, size, y + 3], fill=tuple(max(0, min(255, c + shade)) for c in base))
     scale = rng.choice(["small", "large"])
-    r = size * (rng.uniform(0.12, 0.2) if scale == "small" else rng.uniform(0.25, 0.34))
+    r = size * (rng.uniform(0.17, 0.22) if scale == "small" else rng.uniform(0.27, 0.34))
     cx, cy = rng.uniform(r * 1.3, size - r * 1.3), rng.uniform(r * 1.3, size - r * 1.3)
-    rot = rng.uniform(0, 2 * math.pi)
+    # upright give or take 20 degrees: a square stays a square, not a diamond
+    rot = rng.uniform(-0.35, 0.35) + {"triangle": -math.pi / 2, "star": -math.pi / 2, "diamond": -math.pi / 2,
+                                       "square": math.pi / 4}.get(shape, 0.0)
     jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in fg)
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
@@ -112,7 +117,10 @@ def render(rng: random.Random, size: int):
         where = f"at the {vert}"
     else:
         where = f"in the {vert} {horiz} corner"
-    caption = rng.choice(TEMPLATES).format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
+    template = rng.choice(SHAPE_ONLY if rng.random() < 0.4 else TEMPLATES)
+    if color == "orange":
+        template = template.replace("a {color}", "an {color}")
+    caption = template.format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
                                            where=where)
     return img, caption, {"shape": shape, "color": color, "size": scale, "where": where}
 

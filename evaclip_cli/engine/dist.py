@@ -27,8 +27,17 @@ def setup() -> DistInfo:
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    import deepspeed
+    import logging
+    import warnings
 
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    # DeepSpeed warns about every client optimizer ("untested") and torch about deprecated collectives it calls;
+    # evaclip's own messages say what matters
+    ds_logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
     # the shm_comm op is only for CPU inference all-reduce; skip its 60-100 s JIT build
     try:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -210,7 +210,10 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     last_metrics: dict = {}
     window: list[float] = []
     t_window, n_window = time.perf_counter(), 0
+    # fault injection for tests: make the loss of these micro-batch attempts (1-based, counted from this start)
+    # non-finite, to exercise the skip/stop logic end to end
     inject_nan = {int(s) for s in os.environ.get("EVACLIP_INJECT_NAN_AT", "").split(",") if s.strip()}
+    attempts = 0
 
     def save(step):
         client = {
@@ -239,7 +242,8 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
                     stage.consumed(batch)
                     loss, m = stage.loss(ctx, batch, step)
                     value = float(loss.detach().float().item())
-                    if step + 1 in inject_nan:
+                    attempts += 1
+                    if attempts in inject_nan:
                         value = float("nan")
                     bad = dist.any_true(not math.isfinite(value))
                     if bad:

@@ -127,11 +127,12 @@ ARCHS: dict[str, ClipSpec] = {
                           qkv_bias=True, qkv_fused=False, rope=True, swiglu=True, subln=True, rope_ref_size=16),
         text=TextSpec(width=512, heads=8, layers=12),
     ),
-    # CPU demo scale: 18B style (RMSNorm, no qkv bias, post-norm) at toy width.
+    # CPU demo scale: 8B style (RMSNorm, no qkv bias, pre-norm) at toy width. Post-norm (18B style) trains
+    # several times slower at this size (a supervised probe on digits: 38% vs 73% after 200 steps).
     "tiny": ClipSpec(
         embed_dim=64,
-        vision=VisionSpec(image_size=64, patch_size=8, width=96, depth=3, heads=4, mlp_dim=384, norm="rms",
-                          qkv_bias=False, post_norm=True),
+        vision=VisionSpec(image_size=64, patch_size=16, width=96, depth=3, heads=4, mlp_dim=384, norm="rms",
+                          qkv_bias=False, post_norm=False),
         text=TextSpec(width=64, heads=4, layers=2, context_length=32),
     ),
     # CLIPA-v2 H/14 (ViT-H/14 tower in EVA form, so the same engine trains it).
