@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
 EVACLIP := $(VENV)/bin/evaclip
-export DS_ACCELERATOR ?= cpu
-export DS_BUILD_OPS ?= 0
 
 .PHONY: demo test venv completions clean
 
@@ -16,7 +14,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(EVACLIP) estimate --recipe 18b
+	rm -rf runs/tiny
+	$(EVACLIP) train --recipe tiny --out runs/tiny
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests

@@ -206,9 +206,13 @@ def prepare_recipe(recipe):
 def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
     from .engine.loop import run
 
+    from .engine import dist
+
     recipe = prepare_recipe(recipe)
     stage = ClipStage(recipe)
     result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet)
+    if dist.is_multi():  # on success only: a rank that failed alone must not wait in a barrier
+        dist.shutdown()
     return result
 
 

@@ -92,6 +92,8 @@ def main():
         diff = max((got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
         moved = max((p.detach() - q.detach()).abs().max().item() for p, q in zip(make().parameters(), ref.parameters()))
         torch.save({"max_diff": diff, "moved": moved}, args.out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

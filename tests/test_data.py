@@ -104,7 +104,7 @@ def _corrupt_copy(demo, tmp_path):
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
     raw = (demo / "train" / "shard-00001.tar").read_bytes()
-    (out / "b.tar").write_bytes(raw[: len(raw) // 3])
+    (out / "b.tar").write_bytes(raw[: (len(raw) // 3 // 512) * 512 + 100])  # cut inside a 512-byte tar block
     return out
 
 

@@ -86,7 +86,15 @@ def iter_members(url: str, counters: dict) -> Iterator[dict]:
                 if not current:
                     current = {"__key__": key}
                 f = tar.extractfile(m)
-                current[ext.lower()] = f.read() if f is not None else b""
+                data = f.read() if f is not None else b""
+                if len(data) != m.size:  # stream mode does not notice a truncated shard by itself
+                    raise tarfile.ReadError(f"truncated at {m.name} ({len(data)} of {m.size} bytes)")
+                current[ext.lower()] = data
+            if "://" not in url and not url.startswith("pipe:"):
+                # a complete tar ends with two zero blocks; a file cut inside a header ends "cleanly" without them
+                size = Path(url).stat().st_size
+                if size - tar.offset < 1024:
+                    raise tarfile.ReadError(f"truncated after byte {tar.offset} (no end-of-archive marker)")
     except (tarfile.TarError, OSError, EOFError) as e:
         counters["shard_errors"] += 1
         log.warning("shard %s: %s (rest of the shard skipped)", url, e)

@@ -110,3 +110,20 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (a gloo group torn down at interpreter exit can abort the process)."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        try:
+            tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
+
+
+def is_multi() -> bool:
+    import torch.distributed as tdist
+
+    return tdist.is_initialized() and tdist.get_world_size() > 1

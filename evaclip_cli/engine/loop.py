@@ -166,6 +166,10 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     dist.barrier()
     ckpt_dir = out_dir / "checkpoints"
     resume_from = ckpt.find_resume(resume, ckpt_dir)
+    if resume is None and ckpt.list_complete(ckpt_dir):
+        last = ckpt.list_complete(ckpt_dir)[-1][0]
+        raise UserError(f"{out_dir} already holds checkpoints of a run (up to step {last}); pass --resume auto to "
+                        "continue it, or choose another --out")
 
     torch.manual_seed(recipe.seed + info.rank)
     import deepspeed
