@@ -91,6 +91,10 @@ def bash_complete(line: str) -> list[str]:
 
 def test_bash_completes_command_name():
     assert bash_complete("evaclip rec") == ["recipes"]
+    assert bash_complete("evaclip tr") == ["train"]
+    assert bash_complete("evaclip data ") == ["inspect", "make-demo"] or \
+        set(bash_complete("evaclip data ")) == {"inspect", "make-demo"}
+    assert "--resume" in bash_complete("evaclip train --re")
 
 
 def test_bash_completes_subcommands():

@@ -181,6 +181,8 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     optimizer = build_optimizer(groups, recipe.optimizer)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     attach(optimizer, engine)
+    if info.world_size == 1 and recipe.deepspeed.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # nothing to average over: skip DeepSpeed's bucketed all-reduce
     ctx.engine, ctx.model = engine, engine.module
 
     start_step, counters, data_state = 0, {"nonfinite": 0}, None

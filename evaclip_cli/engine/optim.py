@@ -12,7 +12,12 @@ def build_optimizer(param_groups: list[dict], cfg):
 
         return Lamb(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # the fused kernel (CPU and CUDA in torch >= 2.4) instead of the per-tensor loop torch picks for CPU
+        try:
+            return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
