@@ -54,6 +54,10 @@ class ClipStage:
             from .models.zero_init import reinit_zero3
 
             reinit_zero3(model, ctx.info.is_main)
+        from .models.clip import count_params
+
+        ctx.print(f"model: {count_params(model):,} parameters ({'partitioned by zero.Init' if zero3 else 'full copy'}"
+                  f" on each of {ctx.info.world_size} process(es))")
         init_from_recipe(model, r.init, separate_qkv=not self.spec.vision.qkv_fused, is_main=ctx.info.is_main,
                          zero3=zero3, log=ctx.print)
         if r.model.vision.drop_path:

@@ -166,3 +166,27 @@ def test_zeroshot_folder_errors(tmp_path):
     (tmp_path / "classnames.txt").write_text("one\n")
     with pytest.raises(UserError, match="1 class names for 2 class folders"):
         load_zeroshot_folder(tmp_path)
+
+
+def test_sources_mixed_by_weight(demo):
+    from evaclip_cli.data.wds import StreamDataset, expand_shards
+
+    a = expand_shards(str(demo / "train" / "shard-{00000..00001}.tar"))
+    b = expand_shards(str(demo / "val" / "shard-00000.tar"))
+    ds = StreamDataset([(a, 3.0), (b, 1.0)], 32, 8, None, 0, 0, 1, 1, True, 50, (0.9, 1.0), "bicubic", False, None, 0)
+    picks = [ds._unit(0, u)[0] for u in range(4000)]
+    frac_a = sum(p in a for p in picks) / len(picks)
+    assert 0.72 < frac_a < 0.78
+
+
+def test_data_cli(tmp_path, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["data", "make-demo", tmp_path / "d", "--train", "100", "--val", "20",
+                              "--per-class", "2"], capsys)
+    assert code == 0, err
+    assert "100 train pairs" in " ".join(out.split())
+    code, out, err = run_cli(["data", "inspect", str(tmp_path / "d" / "train" / "shard-00000.tar"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["samples"] == 100
+    code, out, err = run_cli(["data", "inspect", str(tmp_path / "nope-{0..1}.tar")], capsys)
+    assert code == 0 and "shard_errors" in out  # missing shards are counted, not a crash

@@ -46,6 +46,7 @@ def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
               "data.samples=1280", "data.global_batch=64", "data.micro_batch=16", "logging.log_every=5",
               "logging.checkpoint_every=10")
     assert "demo-colors top-1" in r.stdout
+    assert "model: 3,684,225 parameters (partitioned by zero.Init" in r.stdout  # counted from ds_numel
     steps, evals = metrics(out)
     assert [s["step"] for s in steps] == [5, 10, 15, 20] and evals
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -173,3 +174,18 @@ def test_init_from_mim_student_and_eva_text(env, tmp_path):
         if k.startswith(("visual.trunk.", "text.")):
             assert torch.equal(got[k], v), k
     assert not torch.equal(got["visual.head.proj.weight"], state["visual.head.proj.weight"])  # 'head' skipped
+
+
+@pytest.mark.parametrize("stage,nproc,extra", [(1, 1, ["model.grad_checkpointing=true"]),
+                                               (2, 2, ["optimizer.name=lamb"])])
+def test_zero_stages_export_and_convert(env, tmp_path, stage, nproc, extra):
+    out = tmp_path / "run"
+    train(env, out, "--recipe", "tiny", "--nproc", str(nproc), f"deepspeed.zero_stage={stage}",
+          "data.samples=256", "data.global_batch=64", "data.micro_batch=32", "eval.every_steps=0", *extra)
+    from evaclip_cli.models.checkpoints import load_state_dict
+
+    conv = tmp_path / "converted"
+    assert run_cli(["convert", out / "checkpoints" / "global_step4", conv, "--from", "deepspeed"]) == 0
+    a = load_state_dict(conv / "open_clip_model.safetensors")
+    b = load_state_dict(out / "final" / "open_clip_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
