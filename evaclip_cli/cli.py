@@ -237,6 +237,36 @@ def train(
                         soft_wrap=True)
 
 
+@app.command()
+def distill(
+    recipe: str = typer.Option("distill-tiny", "--recipe", "-r", help="Recipe name or path.",
+                               autocompletion=_complete_recipe),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher CLIP (open_clip folder, EVA .pt, run); "
+                                          "same as distill.teacher=..."),
+    nproc: int = NPROC, nodes: int = NODES, node_rank: int = NODE_RANK, master_addr: Optional[str] = MASTER_ADDR,
+    master_port: Optional[int] = MASTER_PORT, hostfile: Optional[Path] = HOSTFILE,
+    launcher: Optional[Launcher] = LAUNCHER, dry_run: bool = DRY_RUN, out: Optional[Path] = OUT,
+    resume: Optional[str] = RESUME,
+):
+    """Weak-to-strong MIM distillation: a frozen EVA-CLIP teacher's patch features -> a bigger EVA student
+    (block-wise masking, negative cosine loss). The student initialises `evaclip train` (init.vision)."""
+    overrides = list(overrides or []) + ([f"distill.teacher={teacher}"] if teacher else [])
+    res = launch_or_run("distill", recipe, overrides, nproc, nodes, node_rank, master_addr, master_port, hostfile,
+                        launcher, dry_run, out, resume)
+    if res is None:
+        return
+    r, out_dir = res
+    from .distill import run_distill
+
+    result = run_distill(r, out_dir=out_dir, resume=resume)
+    if _is_rank0():
+        from rich.console import Console
+
+        Console().print(f"[bold green]done[/bold green] {result['step']} steps -> {out_dir}: final loss "
+                        f"{result.get('loss', float('nan')):.4f} (negative cosine, -1 is perfect)", soft_wrap=True)
+
+
 # ------------------------------------------------------------------------------------------------------- convert
 class SrcFormat(str, Enum):
     auto = "auto"

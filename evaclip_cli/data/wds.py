@@ -195,15 +195,16 @@ class StreamDataset:
         from PIL import Image
         from torchvision.transforms import functional as TF
 
+        need_text = self.tokenizer is not None  # image-only stages (distill) ignore captions
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None or "txt" not in raw:
+        if ext is None or (need_text and "txt" not in raw):
             counters["skipped_missing"] += 1
             return None
         try:
             with Image.open(io.BytesIO(raw[ext])) as im:
                 im.load()
                 img = im.convert("RGB")
-            caption = raw["txt"].decode("utf-8").strip()
+            caption = raw["txt"].decode("utf-8").strip() if need_text else "-"
         except Exception:
             counters["skipped_corrupt"] += 1
             return None
@@ -241,9 +242,12 @@ class StreamDataset:
             images.append(item[0])
             captions.append(item[1])
             if len(images) == self.micro_batch:
-                trng = np.random.default_rng(_seed(self.seed, "text", stream, *pos))
-                yield {"image": torch.stack(images), "text": self.tokenizer(captions, trng), "stream": stream,
-                       "pos": list(pos), "counters": dict(counters)}
+                batch = {"image": torch.stack(images), "stream": stream, "pos": list(pos),
+                         "counters": dict(counters)}
+                if self.tokenizer is not None:
+                    trng = np.random.default_rng(_seed(self.seed, "text", stream, *pos))
+                    batch["text"] = self.tokenizer(captions, trng)
+                yield batch
                 images, captions = [], []
 
 

@@ -237,7 +237,7 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     step = start_step
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"),
+            task = progress.add_task(getattr(stage, "name", "train"), total=total_steps, completed=start_step, loss=float("nan"),
                                      sps=0.0)
             while step < total_steps:
                 schedule.apply(optimizer.param_groups, step, total_steps, recipe.schedule.warmup_steps,

@@ -105,3 +105,12 @@ def adapt_state_dict_resolution(state: dict, spec: ClipSpec, key: str = "visual.
     if key in state:
         state[key] = resample_pos_embed(state[key], spec.vision.grid)
     return state
+
+
+def build_visual(spec: ClipSpec):
+    """The vision tower alone (open_clip TimmModel: ``trunk`` + ``head.proj``), e.g. a frozen MIM teacher."""
+    _imports()
+    import open_clip.model as oc_model
+
+    cfg = open_clip_model_cfg(spec)
+    return oc_model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
