@@ -79,3 +79,14 @@ def test_teacher_grid_mismatch_is_one_line(env, teacher, tmp_path, capsys):
     code, out, err = run_cli(["distill", "--teacher", teacher, "--out", tmp_path / "x", "model.vision.patch_size=8"],
                              capsys)
     assert code == 2 and "patch grid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_weak_to_strong_on_demo(env, tmp_path):
+    """Teacher tiny CLIP -> distilled wider/deeper student -> its CLIP beats the same CLIP from random init."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from weak_to_strong import weak_to_strong
+
+    res = weak_to_strong(tmp_path / "w2s", teacher_steps=300, distill_steps=150, clip_steps=100, env=env)
+    d, s = res["distilled"], res["scratch"]
+    print(f"weak-to-strong: distilled init mean top-1 {d['mean']:.3f} vs random init {s['mean']:.3f} ({d}, {s})")
+    assert d["mean"] > s["mean"]

@@ -13,6 +13,8 @@ EXPECTED = {
     "5b": REFERENCE_PARAMS["5b"],
     "b16": REFERENCE_PARAMS["b16"],
     "distill-18b": REFERENCE_PARAMS["18b"],
+    "distill-tiny": 4_167_937,
+    "tiny-student": 4_167_937,  # the student arch as a CLIP (distill uses its vision tower)
     "video-18b": REFERENCE_PARAMS["18b"],
     "tiny": 3_684_225,
     "clipa-h14": 986_067_201,
