@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
+from .engine.loop import LoaderStage
 from .engine.params import TowerCfg, clip_layer_id
 from .errors import UserError
 
@@ -138,7 +139,7 @@ def teacher_spec_for(recipe):
     return resolve_arch(recipe.distill.teacher_arch)
 
 
-class DistillStage:
+class DistillStage(LoaderStage):
     name = "distill"
 
     def __init__(self, recipe):
@@ -225,16 +226,6 @@ class DistillStage:
             resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(d.scale),
             interpolation=r.data.aug.interpolation, hflip=d.hflip, start_state=state)
         return self._data
-
-    def consumed(self, batch):
-        self._data.consumed(batch)
-
-    def data_state(self):
-        return self._data.state_dict()
-
-    def log_extras(self, ctx):
-        c = self._data.counters() if self._data is not None else {}
-        return {f"data_{k}": v for k, v in c.items()}
 
     def loss(self, ctx, batch, step):
         import torch

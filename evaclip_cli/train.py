@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .engine.loop import LoaderStage
 from .engine.params import TowerCfg, clip_layer_id
 from .errors import UserError
 
@@ -29,7 +30,7 @@ def ensure_demo(is_main: bool, console=None) -> Path:
     return root
 
 
-class ClipStage:
+class ClipStage(LoaderStage):
     """Model, data and loss of contrastive image-text training; everything else is the engine's."""
 
     name = "train"
@@ -125,16 +126,6 @@ class ClipStage:
             resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(r.data.aug.scale),
             interpolation=r.data.aug.interpolation, hflip=r.data.aug.hflip, start_state=state)
         return self._data
-
-    def consumed(self, batch):
-        self._data.consumed(batch)
-
-    def data_state(self):
-        return self._data.state_dict()
-
-    def log_extras(self, ctx):
-        c = self._data.counters() if self._data is not None else {}
-        return {f"data_{k}": v for k, v in c.items()}
 
     # ---- loss ------------------------------------------------------------------------------------------------
     def loss(self, ctx, batch, step):

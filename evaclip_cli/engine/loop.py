@@ -30,6 +30,22 @@ from .config import deepspeed_config
 from .params import build_param_groups
 
 
+class LoaderStage:
+    """Data bookkeeping every stage shares: its ``build_loader`` sets ``self._data`` (a resumable TrainLoader)."""
+
+    _data = None
+
+    def consumed(self, batch):
+        self._data.consumed(batch)
+
+    def data_state(self):
+        return self._data.state_dict()
+
+    def log_extras(self, ctx):
+        c = self._data.counters() if self._data is not None else {}
+        return {f"data_{k}": v for k, v in c.items()}
+
+
 class TrainingStopped(Exception):
     """The run cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
 
