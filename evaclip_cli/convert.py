@@ -230,7 +230,36 @@ def load_deepspeed_state(path: Path) -> dict:
         raise UserError(f"{tag_dir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
     if len(files) > 1:
         raise UserError(f"{tag_dir}: {len(files)} model-parallel ranks; evaclip writes data-parallel checkpoints only")
-    return load_state_dict(files[0], mmap=False)
+    import torch
+
+    state = load_state_dict(files[0], mmap=False)
+    floats = [t for t in state.values() if t.is_floating_point()]
+    if floats and all(t.dtype in (torch.bfloat16, torch.float16) for t in floats):
+        state = _stage0_fp32_masters(files[0], state)
+    return state
+
+
+def _stage0_fp32_masters(path: Path, state: dict) -> dict:
+    """Without ZeRO, a bf16/fp16 run's module weights are the rounded 16-bit copies; the fp32 masters sit in the
+    optimizer state as unnamed per-group lists. evaclip's checkpoints name them (client state
+    ``param_group_names``); use them so the export is the fp32 model, not a widened 16-bit one."""
+    import sys
+
+    import torch
+
+    obj = torch.load(str(path), map_location="cpu", weights_only=False)  # DeepSpeed's own file: its loader does too
+    groups = (obj.get("optimizer") or {}).get("fp32_groups")
+    names = obj.get("param_group_names")
+    if not groups or not names or len(groups) != len(names):
+        print(f"evaclip: warning: {path} holds 16-bit weights without named fp32 masters; exporting the 16-bit "
+              "weights", file=sys.stderr)
+        return state
+    out = dict(state)
+    for group_names, tensors in zip(names, groups):
+        for name, t in zip(group_names, tensors):
+            if name in out:
+                out[name] = t.detach().reshape(out[name].shape).float()
+    return out
 
 
 def _find_recipe_near(path: Path) -> Optional[Path]:

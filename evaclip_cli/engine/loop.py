@@ -192,6 +192,10 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
 
     model = stage.build_model(ctx)
     groups = build_param_groups(model.named_parameters(), stage.towers(ctx), stage.layer_id)
+    # parameter names per optimizer group: a ZeRO-0 bf16/fp16 checkpoint keeps its fp32 masters only as unnamed
+    # per-group lists, and the export needs them (convert.load_deepspeed_state)
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
     from .optim import attach, build_optimizer
 
     optimizer = build_optimizer(groups, recipe.optimizer)
@@ -245,6 +249,7 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
             "data_states": dist.all_gather_object(stage.data_state()),
             "rng_states": dist.all_gather_object(ckpt.rng_state()),
             "recipe": recipe.name,
+            "param_group_names": group_names,
         }
         return ckpt.save(engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
 
