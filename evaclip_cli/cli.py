@@ -29,6 +29,9 @@ app.add_typer(recipes_app, name="recipes")
 from .data.cli import data_app  # noqa: E402  (light: its commands import lazily)
 
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Zero-shot evaluation with CLIP_benchmark's protocol and metric names: image "
+                       "classification, retrieval, video, and whole benchmark suites.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 OVERRIDES_HELP = "Recipe overrides, section.key=value (e.g. optimizer.lr=1e-4 data.micro_batch=16)."
 
@@ -321,6 +324,13 @@ def convert(
                 model=model, recipe=recipe, dtype=dtype.value, max_shard_size=max_shard_size,
                 vision_only=vision_only, force=force)
 
+
+# ---------------------------------------------------------------------------- commands wired from their modules
+from .cli_video import register as _register_video  # noqa: E402  (finetune-video, eval video)
+from .cli_push import register as _register_push  # noqa: E402  (push)
+
+_register_video(app, eval_app)
+_register_push(app, eval_app)
 
 _ARGV: list = []
 
