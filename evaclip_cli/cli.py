@@ -2,6 +2,7 @@
 ``--help`` and shell completion stay instant."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -323,6 +324,102 @@ def convert(
     run_convert(src, dst, src_format=src_format.value, dst_format=dst_format.value, eva_config=eva_config,
                 model=model, recipe=recipe, dtype=dtype.value, max_shard_size=max_shard_size,
                 vision_only=vision_only, force=force)
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+EVAL_MODEL = typer.Option(..., "--model", "-m", help="open_clip folder, evaclip run folder, DeepSpeed checkpoint, "
+                          "EVA .pt (with --eva-config/--arch), or an open_clip model name with --pretrained FILE.")
+EVAL_PRETRAINED = typer.Option(None, "--pretrained", help="Local weights file for an open_clip model name or a "
+                               "released EVA name given as --model (never downloaded).")
+EVAL_EVA_CONFIG = typer.Option(None, "--eva-config", help="Reference model config JSON for an EVA .pt.")
+EVAL_ARCH = typer.Option(None, "--arch", help="Released name / evaclip arch of an EVA .pt or DeepSpeed checkpoint "
+                         "without a recipe.", autocompletion=_complete_model)
+EVAL_OUTPUT = typer.Option(None, "--output", "-o", help="Write the metrics as JSON (CLIP_benchmark's names).")
+EVAL_BATCH = typer.Option(256, "--batch-size", min=1, help="Images per forward.")
+EVAL_WORKERS = typer.Option(None, "--workers", min=0, help="DataLoader workers decoding images (default: CPUs, ≤8).")
+EVAL_PRECISION = typer.Option(Precision.auto, "--precision", help="auto: bf16 autocast on GPU, fp32 on CPU.")
+EVAL_FAST = typer.Option(False, "--fast-decode", help="Let the JPEG decoder downscale (2/4/8x) while decoding large "
+                         "images: faster, numbers may differ slightly from CLIP_benchmark's.")
+EVAL_SPLIT = typer.Option("test", "--split", help="Split folder of a CLIP_benchmark wds/ dataset / caption JSON.")
+EVAL_NPROC = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (one per GPU; torchrun, as `train`).")
+
+
+@contextlib.contextmanager
+def _eval_group():
+    """Leave the process group (if torchrun started one) cleanly after an eval command."""
+    try:
+        yield
+    finally:
+        if "LOCAL_RANK" in os.environ:
+            from .engine.dist import shutdown
+
+            shutdown()
+
+
+def _eval_launch(nproc: int) -> bool:
+    """Relaunch this command on nproc processes (torchrun); True when this process should just return."""
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .engine import launch
+
+        raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, list(_ARGV))))
+    return False
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    model: str = EVAL_MODEL,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="ImageFolder root, CLIP_benchmark wds/ folder, or .tar "
+                                "shards with a class field."),
+    name: Optional[str] = typer.Option(None, "--name", help="Benchmark name (picks the shipped class names and "
+                                       "templates, e.g. imagenet1k, cifar10); default: the folder name."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, label order."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c}, one per line."),
+    class_key: str = typer.Option("cls", "--class-key", help="Label field of webdataset samples."),
+    split: str = EVAL_SPLIT, pretrained: Optional[str] = EVAL_PRETRAINED, eva_config: Optional[str] = EVAL_EVA_CONFIG,
+    arch: Optional[str] = EVAL_ARCH, output: Optional[Path] = EVAL_OUTPUT, batch_size: int = EVAL_BATCH,
+    workers: Optional[int] = EVAL_WORKERS, precision: Precision = EVAL_PRECISION, fast_decode: bool = EVAL_FAST,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the text classifier (not read or written "
+                                  "from ~/.cache/evaclip)."),
+    nproc: int = EVAL_NPROC,
+):
+    """Zero-shot image classification: top-1, top-5 and mean per-class recall, as CLIP_benchmark computes them."""
+    _eval_launch(nproc)
+    from .evaluate import run_zeroshot
+
+    with _eval_group():
+        run_zeroshot(model, dataset, name=name, pretrained=pretrained, eva_config=eva_config, arch=arch,
+                     classnames=classnames, templates=templates, split=split, class_key=class_key, batch_size=batch_size,
+                     workers=workers, precision=precision.value, cache=not no_cache, fast_decode=fast_decode,
+                     output=output)
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    model: str = EVAL_MODEL,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="CLIP_benchmark wds/ retrieval folder, or a caption JSON "
+                                "(Karpathy's dataset_flickr30k.json / dataset_coco.json, or [{image, caption}])."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root of a caption JSON (default: next to it)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name in the results (default: from the path)."),
+    split: str = EVAL_SPLIT, pretrained: Optional[str] = EVAL_PRETRAINED, eva_config: Optional[str] = EVAL_EVA_CONFIG,
+    arch: Optional[str] = EVAL_ARCH, output: Optional[Path] = EVAL_OUTPUT, batch_size: int = EVAL_BATCH,
+    workers: Optional[int] = EVAL_WORKERS, precision: Precision = EVAL_PRECISION, fast_decode: bool = EVAL_FAST,
+    nproc: int = EVAL_NPROC,
+):
+    """Zero-shot image-text retrieval: image->text and text->image recall@1/5/10, several captions per image."""
+    _eval_launch(nproc)
+    from .evaluate import run_retrieval
+
+    with _eval_group():
+        run_retrieval(model, dataset, name=name, images=images, pretrained=pretrained, eva_config=eva_config, arch=arch,
+                      split=split, batch_size=batch_size, workers=workers, precision=precision.value,
+                      fast_decode=fast_decode, output=output)
 
 
 # ---------------------------------------------------------------------------- commands wired from their modules

@@ -130,3 +130,416 @@ def zeroshot_on_folder(model, root, spec, device, rank: int = 0, world_size: int
     res["chance"] = 1.0 / len(classnames)
     res["classes"] = len(classnames)
     return res
+
+
+# =================================================================================================== evaclip eval
+# The commands' engine: CLIP_benchmark's protocol (same classifier, same logits, same metric definitions) with the
+# work arranged for speed: one batched pass over all prompts, the classifier cached across runs, images decoded in
+# DataLoader workers straight from their files / tar offsets, ranks on disjoint slices.
+
+METADATA_FILE = "eval_files/zeroshot_metadata.json"
+
+
+def shipped_metadata() -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / METADATA_FILE).read_text(encoding="utf-8"))
+
+
+def _metadata_key(name: str) -> str:
+    n = name.lower().replace("-", "_")
+    for prefix in ("wds_", "wds/"):
+        if n.startswith(prefix):
+            n = n[len(prefix):]
+    aliases = {"imagenet": "imagenet1k", "imagenet_1k": "imagenet1k", "imagenetv2": "imagenet1k",
+               "imagenet_v2": "imagenet1k", "imagenet_sketch": "imagenet1k", "flowers102": "flowers",
+               "oxford_pets": "pets", "stanford_cars": "cars", "fgvc_aircraft": "fgvc_aircraft",
+               "rendered_sst2": "renderedsst2", "vtab_caltech101": "caltech101"}
+    return aliases.get(n, n)
+
+
+def resolve_prompts(evalset, dataset_key: str | None, classnames_file=None, templates_file=None):
+    """Class names and templates: the files given > the dataset's own > the shipped ones for its name > folder
+    names / "a photo of a {c}."."""
+    from pathlib import Path
+
+    meta = shipped_metadata()
+    key = _metadata_key(dataset_key or evalset.name)
+    classnames = evalset.classnames
+    if classnames_file:
+        p = Path(classnames_file)
+        if not p.is_file():
+            raise UserError(f"{p}: class-names file not found")
+        classnames = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif classnames is None and key in meta["classnames"]:
+        classnames = meta["classnames"][key]
+    if classnames is None:
+        raise UserError(f"{evalset.name}: no class names (the dataset has no classnames.txt and '{key}' is not a "
+                        "known benchmark); pass --classnames FILE (one name per line, in label order)")
+    n_labels = max(evalset.targets) + 1 if evalset.targets else 0
+    if n_labels > len(classnames):
+        raise UserError(f"{evalset.name}: labels go up to {n_labels - 1} but there are {len(classnames)} class names;"
+                        " the class-name list does not match the dataset")
+    templates = evalset.templates
+    if templates_file:
+        p = Path(templates_file)
+        if not p.is_file():
+            raise UserError(f"{p}: templates file not found")
+        templates = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif templates is None:
+        templates = meta["templates"].get(key, ["a photo of a {c}."])
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise UserError(f"template without the {{c}} placeholder: {bad[0]!r}")
+    return classnames, templates
+
+
+def _setup_dist():
+    """Data-parallel eval under torchrun (the same launcher as `train`); a bare process stays single."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            tdist.init_process_group(backend)
+    device = "cpu"
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def _fingerprint(model_arg: str, extra: str = "") -> str:
+    """Identifies a model's weights without reading them: resolved path, sizes and mtimes of its files."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256(extra.encode())
+    p = Path(model_arg)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+    h.update(str(p.resolve() if p.exists() else model_arg).encode())
+    for q in files:
+        st = q.stat()
+        h.update(f"{q.relative_to(p) if p.is_dir() else q.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def cache_dir():
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("EVACLIP_CACHE", Path.home() / ".cache" / "evaclip")) / "classifiers"
+
+
+def cached_classifier(loaded, model_id: str, classnames, templates, device, batch_size: int, cache: bool,
+                      autocast=None):
+    """The [embed, classes] zero-shot classifier; cached on disk by (model weights, class names, templates)."""
+    import contextlib
+    import hashlib
+    import os
+
+    import torch
+
+    key = hashlib.sha256(repr((model_id, list(classnames), list(templates))).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{key}.pt"
+    if cache and path.is_file():
+        try:
+            W = torch.load(path, map_location="cpu", weights_only=True)
+            if W.shape[1] == len(classnames):
+                return W.to(device), True
+        except Exception:
+            pass
+    with torch.no_grad(), (autocast or contextlib.nullcontext)():
+        W = zeroshot_classifier(loaded.model.encode_text, loaded.tokenize, classnames, templates, device,
+                                batch_size=batch_size)
+    W = W.float()
+    if cache and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(W.cpu(), tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: no cache, same numbers
+    return W, False
+
+
+def _loader(evalset, loaded, rank, world, batch_size, workers, draft):
+    import torch
+
+    from .data.benchmarks import ImageDataset, collate
+
+    n = len(evalset.items)
+    per = -(-n // world)
+    idx = list(range(rank * per, min(n, (rank + 1) * per)))
+    ds = torch.utils.data.Subset(ImageDataset(evalset.items, loaded.transform(), draft=draft), idx)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate, persistent_workers=False,
+                                       prefetch_factor=4 if workers else None,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+    import functools
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.split(":")[0], dtype=dtype)
+
+
+def default_workers() -> int:
+    import os
+
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def evaluate_classification(loaded, evalset, model_id: str, classnames, templates, device="cpu",
+                            batch_size: int = 256, workers: int = 0, precision: str = "fp32", cache: bool = True,
+                            draft=None, rank: int = 0, world: int = 1, progress=None) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    ac = _autocast(device, precision)
+    W, hit = cached_classifier(loaded, model_id, classnames, templates, device, batch_size, cache, ac)
+    state, skipped = None, 0
+    with torch.inference_mode():
+        for idx, images, bad in _loader(evalset, loaded, rank, world, batch_size, workers, draft):
+            skipped += len(bad)
+            if images is None:
+                continue
+            with ac():
+                feats = loaded.model.encode_image(images.to(device, non_blocking=True))
+            logits = 100.0 * F.normalize(feats.float(), dim=-1) @ W
+            labels = torch.tensor([evalset.targets[i] for i in idx])
+            state = accumulate(logits, labels, len(classnames), state)
+            if progress:
+                progress(len(idx) + len(bad))
+    if state is None:
+        state = accumulate(torch.zeros(0, len(classnames)), torch.zeros(0, dtype=torch.long), len(classnames))
+    state = all_reduce_state(state)
+    skipped = int(_sum_across([skipped])[0]) + evalset.missing
+    res = finalize(state)
+    return {"metrics": {k: res[k] for k in ("acc1", "acc5", "mean_per_class_recall")}, "samples": res["samples"],
+            "skipped": skipped, "classifier_cached": hit}
+
+
+def _sum_across(values):
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return values
+    from .engine.dist import all_reduce_sum
+
+    return all_reduce_sum(values)
+
+
+def retrieval_metrics(image_emb, text_emb, text_owner, ks=(1, 5, 10)) -> dict:
+    """CLIP_benchmark's definitions: image_retrieval_recall@k = share of captions whose image is in their top-k
+    images; text_retrieval_recall@k = share of images with at least one of their captions in their top-k texts."""
+    import torch
+
+    scores = text_emb @ image_emb.t()  # [texts, images]
+    owner = torch.as_tensor(text_owner)
+    out = {}
+    n_img = image_emb.shape[0]
+    for k in ks:
+        kk = min(k, n_img)
+        top_img = scores.topk(kk, dim=1).indices  # per caption
+        out[f"image_retrieval_recall@{k}"] = (top_img == owner.unsqueeze(1)).any(1).float().mean().item()
+        kt = min(k, scores.shape[0])
+        top_txt = scores.t().topk(kt, dim=1).indices  # per image: caption ids
+        hit = (owner[top_txt] == torch.arange(n_img).unsqueeze(1)).any(1)
+        out[f"text_retrieval_recall@{k}"] = hit.float().mean().item()
+    return out
+
+
+def evaluate_retrieval(loaded, evalset, device="cpu", batch_size: int = 256, workers: int = 0,
+                       precision: str = "fp32", draft=None, rank: int = 0, world: int = 1, progress=None) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from .engine.dist import all_gather_object
+
+    ac = _autocast(device, precision)
+    img_idx, img_emb, skipped = [], [], 0
+    with torch.inference_mode():
+        for idx, images, bad in _loader(evalset, loaded, rank, world, batch_size, workers, draft):
+            skipped += len(bad)
+            if images is not None:
+                with ac():
+                    img_emb.append(F.normalize(loaded.model.encode_image(images.to(device)).float(), dim=-1).cpu())
+                img_idx += idx
+            if progress:
+                progress(len(idx) + len(bad))
+    parts = all_gather_object((img_idx, torch.cat(img_emb) if img_emb else None, skipped))
+    order, embs = [], []
+    for ids, e, _ in parts:
+        if e is not None:
+            order += ids
+            embs.append(e)
+    skipped = sum(p[2] for p in parts) + evalset.missing
+    if not embs:
+        raise UserError(f"{evalset.name}: no readable image")
+    image_emb = torch.cat(embs)
+    perm = sorted(range(len(order)), key=order.__getitem__)
+    image_emb, order = image_emb[perm], [order[i] for i in perm]
+    texts, owner = [], []
+    for pos, i in enumerate(order):  # captions of skipped images are dropped with them
+        for c in evalset.targets[i]:
+            texts.append(c)
+            owner.append(pos)
+    text_emb = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            with ac():
+                e = loaded.model.encode_text(loaded.tokenize(texts[s:s + batch_size]).to(device))
+            text_emb.append(F.normalize(e.float(), dim=-1).cpu())
+    metrics = retrieval_metrics(image_emb, torch.cat(text_emb), owner)
+    return {"metrics": metrics, "samples": len(order), "captions": len(texts), "skipped": skipped}
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def _write_json(path, obj) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def print_results(rows: list, title: str) -> None:
+    """A Rich table of metric dicts (fractions shown as percentages)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols: list = []
+    for r in rows:
+        for k in r["metrics"]:
+            if k not in cols:
+                cols.append(k)
+    table = Table(title=title)
+    table.add_column("dataset")
+    for c in cols:
+        table.add_column(c.replace("_retrieval_recall", " R").replace("mean_per_class_recall", "mean/class"),
+                         justify="right")
+    table.add_column("samples", justify="right")
+    table.add_column("skipped", justify="right")
+    for r in rows:
+        table.add_row(r["dataset"], *[f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in cols],
+                      f"{r['samples']:,}", str(r.get("skipped", 0)))
+    Console().print(table)
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                              TimeRemainingColumn(), transient=True)
+            self.t = self.p.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.enabled:
+            self.p.__enter__()
+        return self
+
+    def __call__(self, n):
+        if self.enabled:
+            self.p.advance(self.t, n)
+
+    def __exit__(self, *a):
+        if self.enabled:
+            self.p.__exit__(*a)
+
+
+def _model_and_dist(model, pretrained, eva_config, arch):
+    rank, world, device = _setup_dist()
+    from .models.load import load_clip
+
+    loaded = load_clip(model, device=device, eva_config=eva_config, pretrained=pretrained, arch=arch)
+    return loaded, rank, world, device
+
+
+def run_zeroshot(model: str, dataset: str, *, name=None, pretrained=None, eva_config=None, arch=None,
+                 classnames=None, templates=None, split="test", class_key="cls", batch_size=256, workers=None,
+                 precision="auto", cache=True, fast_decode=False, output=None, quiet=False, loaded=None) -> dict:
+    from .data.benchmarks import classification_set
+
+    evalset = classification_set(dataset, split=split, class_key=class_key)
+    names, tpls = resolve_prompts(evalset, name, classnames, templates)
+    if loaded is None:
+        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
+    else:
+        rank, world, device = _setup_dist()
+    precision = _precision(precision, device)
+    model_id = _fingerprint(model, f"{pretrained}|{eva_config}|{arch}|{precision}")
+    workers = default_workers() if workers is None else workers
+    with _Progress(len(evalset.items), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+        r = evaluate_classification(loaded, evalset, model_id, names, tpls, device, batch_size, workers, precision,
+                                    cache, loaded.image_size if fast_decode else None, rank, world, prog)
+    out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_classification",
+           "metrics": r["metrics"], "samples": r["samples"], "skipped": r["skipped"], "language": "en",
+           "classes": len(names), "templates": len(tpls), "layout": evalset.layout}
+    if pretrained:
+        out["pretrained"] = str(pretrained)
+    _finish(out, output, quiet, rank, "zero-shot classification")
+    return out
+
+
+def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretrained=None, eva_config=None, arch=None,
+                  split="test", batch_size=256, workers=None, precision="auto", fast_decode=False, output=None,
+                  quiet=False, loaded=None) -> dict:
+    from .data.benchmarks import retrieval_set
+
+    evalset = retrieval_set(dataset, images=images, split=split)
+    if loaded is None:
+        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
+    else:
+        rank, world, device = _setup_dist()
+    precision = _precision(precision, device)
+    workers = default_workers() if workers is None else workers
+    with _Progress(len(evalset.items), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+        r = evaluate_retrieval(loaded, evalset, device, batch_size, workers, precision,
+                               loaded.image_size if fast_decode else None, rank, world, prog)
+    out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_retrieval",
+           "metrics": r["metrics"], "samples": r["samples"], "captions": r["captions"], "skipped": r["skipped"],
+           "language": "en", "layout": evalset.layout}
+    _finish(out, output, quiet, rank, "zero-shot retrieval")
+    return out
+
+
+def _precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def _finish(out: dict, output, quiet: bool, rank: int, title: str) -> None:
+    if rank != 0:
+        return
+    if output:
+        _write_json(output, out)
+    if not quiet:
+        print_results([out], f"{title}: {out['model']}")
+        if out["skipped"]:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]{out['skipped']} unreadable or incomplete sample(s) skipped[/yellow]")

@@ -1,0 +1,149 @@
+"""Load any CLIP a user points evaclip at, for evaluation: one function, every source ``convert`` reads.
+
+``load_clip(M)`` accepts
+  * an open_clip folder (``open_clip_config.json`` + safetensors, sharded or not) — loaded by open_clip itself
+    (``local-dir:``), so a folder from the Hub or from ``evaclip convert`` behaves the same;
+  * an evaclip run folder (``runs/x``: its ``final/`` folder, else the newest DeepSpeed checkpoint) or a DeepSpeed
+    checkpoint folder (ZeRO 0-3, consolidated on the fly; architecture from the run's recipe);
+  * an EVA reference ``.pt``/``.bin``/``.safetensors`` with ``eva_config`` (the reference repo's JSON) or a released
+    name (``EVA-CLIP-18B``) as ``arch``;
+  * an open_clip model name (``ViT-B-32``, or a released EVA name) with ``pretrained`` = a local weights file.
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import UserError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoadedClip:
+    model: Any
+    tokenize: Callable
+    image_size: int
+    name: str
+    spec: Any = None
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def transform(self):
+        """open_clip's eval preprocessing for this model (resize shortest side bicubic, center crop, normalise)."""
+        from open_clip.transform import image_transform
+
+        return image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+
+
+def _run_source(path: Path) -> Path:
+    """A run folder -> its consolidated final/ folder, else its checkpoints/ folder."""
+    from ..convert import CONFIG_NAME, is_deepspeed_dir
+
+    if (path / "final" / CONFIG_NAME).is_file():
+        return path / "final"
+    if (path / "checkpoints").is_dir() and is_deepspeed_dir(path / "checkpoints"):
+        return path / "checkpoints"
+    return path
+
+
+def _from_open_clip_folder(path: Path, device: str) -> LoadedClip:
+    import open_clip
+
+    import evaclip_cli  # noqa: F401  (timm towers, timm_model_kwargs, sharded folders)
+
+    from ..convert import CONFIG_NAME
+    from .checkpoints import read_json
+    from .specs import spec_from_open_clip_cfg
+
+    cfg = read_json(path / CONFIG_NAME, "open_clip config")
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{path}", device=device)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: open_clip cannot load this folder ({type(e).__name__}: {str(e)[:200]})") from e
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    pp = cfg.get("preprocess_cfg", {})
+    try:
+        spec = spec_from_open_clip_cfg(cfg)
+    except Exception:
+        spec = None  # any open_clip model: fine for evaluation
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return LoadedClip(model=model.eval(), tokenize=tokenizer, image_size=size, name=path.name, spec=spec,
+                      mean=tuple(pp.get("mean", OPENAI_MEAN)), std=tuple(pp.get("std", OPENAI_STD)),
+                      source="open_clip")
+
+
+def _from_state(state: dict, spec, device: str, name: str, source: str) -> LoadedClip:
+    from open_clip.tokenizer import tokenize
+
+    from ..convert import _expected_state, _fit_to_expected
+    from .clip import build_clip
+
+    state = _fit_to_expected(state, _expected_state(spec), name, vision_only=False)
+    model = build_clip(spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing:
+        raise UserError(f"{name}: {len(missing)} tensors missing for the model (first: {missing[0]}); is it a vision-"
+                        "only checkpoint? `evaclip eval` needs both towers")
+    ctx = spec.text.context_length
+    return LoadedClip(model=model.to(device).eval(), tokenize=lambda texts: tokenize(texts, context_length=ctx),
+                      image_size=spec.vision.image_size, name=name, spec=spec, source=source)
+
+
+def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None, pretrained: Optional[str] = None,
+              arch: Optional[str] = None) -> LoadedClip:
+    from ..convert import detect_format, load_source, resolve_spec
+
+    path = Path(model)
+    if path.exists() and pretrained is None:
+        if path.is_dir():
+            path = _run_source(path)
+        fmt = detect_format(path, "auto")
+        if fmt == "open_clip":
+            return _from_open_clip_folder(path, device)
+        if fmt == "timm":
+            raise UserError(f"{path}: a vision-tower folder (e.g. a MIM student) has no text tower; zero-shot "
+                            "evaluation needs a CLIP (train it with `evaclip train`)")
+        spec = resolve_spec(path, fmt, Path(eva_config) if eva_config else None, arch, None)
+        state, _, layout = load_source(path, fmt, spec)
+        if layout in ("mim", "open_clip_visual"):
+            raise UserError(f"{path}: a vision-only checkpoint ({layout}); zero-shot evaluation needs both towers")
+        run = path.parent.name if fmt == "deepspeed" and path.name == "checkpoints" else path.stem
+        return _from_state(state, spec, device, run or str(path), fmt)
+    if pretrained is None:
+        raise UserError(f"{model}: no such file or folder (give an open_clip folder, a run folder, a DeepSpeed "
+                        "checkpoint, an EVA .pt with --eva-config, or a model name with --pretrained FILE)")
+    weights = Path(pretrained)
+    if not weights.is_file():
+        raise UserError(f"{pretrained}: weights file not found (evaclip eval never downloads; give a local file)")
+    from .specs import ALIASES, ARCHS
+
+    if model in ALIASES or model in ARCHS:  # a released EVA name + the reference .pt
+        spec = resolve_spec(weights, detect_format(weights, "auto"), Path(eva_config) if eva_config else None,
+                            model, None)
+        state, _, _ = load_source(weights, "eva", spec)
+        return _from_state(state, spec, device, model, "eva")
+    import open_clip
+
+    import evaclip_cli  # noqa: F401
+
+    if model not in open_clip.list_models():
+        raise UserError(f"{model}: not an open_clip model name (see open_clip.list_models()) nor an evaclip model "
+                        f"({', '.join(sorted(ALIASES))})")
+    try:
+        m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), device=device)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: does not load into open_clip's {model} ({str(e)[:200]})") from e
+    size = m.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = getattr(m.visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(m.visual, "image_std", None) or OPENAI_STD
+    return LoadedClip(model=m.eval(), tokenize=open_clip.get_tokenizer(model), image_size=size, name=model,
+                      mean=tuple(mean), std=tuple(std), source="open_clip-name")
