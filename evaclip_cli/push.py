@@ -1,0 +1,502 @@
+"""``evaclip push``: an open_clip folder (or anything ``evaclip convert`` reads, converted on the way) -> a Hugging
+Face Hub model repo, in one commit: ``open_clip_config.json``, safetensors weights (shards + index for large
+models), tokenizer files if any, and a generated model card ``README.md``.
+
+* The token comes from ``HF_TOKEN`` or the ``hf auth login`` store (huggingface_hub's ``get_token``); it is never
+  printed, and any message that would carry it is scrubbed.
+* Transient failures (HTTP 408/429/5xx, dropped or refused connections) are retried with exponential backoff;
+  nothing is committed until every file is uploaded, so a failed push leaves the repo as it was.
+* 401/403/404/409 end in one line that says what to do (``UserError``).
+* ``--dry-run`` writes the exact folder that would be uploaded (weights hard-linked where possible) and lists it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from . import __version__
+from .errors import UserError
+from .models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+
+REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+                   "bpe_simple_vocab_16e6.txt.gz")
+PICKLE_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.bin", "pytorch_model.bin")
+TAGS = ["clip", "eva-clip", "open_clip", "zero-shot-image-classification", "evaclip"]
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+RETRIES = 5  # attempts per Hub step
+
+
+def _backoff_s() -> float:
+    """First wait between retries (doubles each retry, max 30 s); EVACLIP_HUB_BACKOFF_S overrides the 1 s."""
+    try:
+        return max(0.0, float(os.environ.get("EVACLIP_HUB_BACKOFF_S", "1.0")))
+    except ValueError:
+        return 1.0
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class Staged:
+    """What one push uploads: path in the repo -> local file, plus what the card needs to know."""
+    files: dict  # path_in_repo -> Path
+    source: Path  # the open_clip folder the weights come from (converted or the user's)
+    run_dir: Optional[Path]
+    converted_from: Optional[str]  # source format when converted on the way
+
+
+# ------------------------------------------------------------------------------------------------ the source
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors weight files of an open_clip folder (one file, or the shards its index names + the index)."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}); re-export the folder with "
+                            "`evaclip convert`") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise UserError(f"{folder}: the index names shard(s) that are not there: {', '.join(missing[:3])}; "
+                            "copy the whole folder or re-export it with `evaclip convert`")
+        return [*shards, INDEX_NAME]
+    return []
+
+
+def _is_open_clip_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def _convert_into(src: Path, dst: Path, *, src_format: str, max_shard_size: str, dtype: Optional[str],
+                  eva_config, model, recipe) -> None:
+    from .convert import run_convert
+
+    run_convert(src, dst, src_format=src_format, dst_format="open_clip", eva_config=eva_config, model=model,
+                recipe=recipe, dtype=dtype or "auto", max_shard_size=max_shard_size, force=True)
+    if not _is_open_clip_folder(dst):  # a MIM checkpoint becomes a timm vision tower, not a CLIP
+        raise UserError(f"{src}: holds a vision tower only (MIM/timm layout); `evaclip push` uploads CLIP models "
+                        "(convert a CLIP checkpoint, or a run folder of `evaclip train`)")
+
+
+def stage(src: Path, work: Path, *, max_shard_size: Optional[str] = None, dtype: Optional[str] = None,
+          eva_config=None, model=None, recipe=None) -> Staged:
+    """Decide what to upload from SRC; converts (into ``work``) when SRC is not an open_clip folder with
+    safetensors weights, or when resharding / a dtype change is asked for."""
+    from .report import find_run_dir
+
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or directory")
+    run_dir = find_run_dir(src)
+    folder, convert_from, convert_src = None, None, src
+    if run_dir is not None and src.resolve() in (run_dir.resolve(), (run_dir / "checkpoints").resolve()):
+        if _is_open_clip_folder(run_dir / "final") and src.resolve() == run_dir.resolve():
+            folder = run_dir / "final"
+        else:
+            convert_from, convert_src = "deepspeed", run_dir / "checkpoints"
+            recipe = recipe or str(run_dir / "evaclip_recipe.toml")
+            if not convert_src.is_dir():
+                raise UserError(f"{run_dir}: a run folder with neither final/ nor checkpoints/; train it first")
+    elif _is_open_clip_folder(src):
+        folder = src
+    else:
+        from .convert import detect_format
+
+        convert_from = detect_format(src, "auto")
+    if folder is not None:
+        weights = _weight_files(folder)
+        if not weights:
+            if any((folder / n).is_file() for n in PICKLE_WEIGHTS):
+                convert_from, convert_src = "open_clip", folder  # pickle weights: upload safetensors instead
+            else:
+                raise UserError(f"{folder}: an open_clip folder without weights ({WEIGHTS_NAME} or {INDEX_NAME})")
+        elif max_shard_size is not None or dtype is not None:
+            convert_from, convert_src = "open_clip", folder  # reshard / cast on the way
+    if convert_from is not None:
+        out = work / "converted"
+        _convert_into(convert_src, out, src_format=convert_from, max_shard_size=max_shard_size or "5GB",
+                      dtype=dtype, eva_config=eva_config, model=model, recipe=recipe)
+        # tokenizer files travel with the weights they belong to
+        if folder is not None:
+            for name in TOKENIZER_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, out / name)
+        folder = out
+    files = {CONFIG_NAME: folder / CONFIG_NAME}
+    files.update({name: folder / name for name in _weight_files(folder)})
+    files.update({name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()})
+    return Staged(files, folder, run_dir, convert_from)
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def weight_stats(files: dict) -> dict:
+    """Parameter counts per tower and dtypes, read from the safetensors headers (no tensor is loaded)."""
+    counts = {"visual": 0, "text": 0, "other": 0}
+    dtypes: dict[str, int] = {}
+    for name, path in files.items():
+        if not name.endswith(".safetensors"):
+            continue
+        for key, info in safetensors_header(path).items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            tower = "visual" if key.startswith("visual.") else "other" if key in ("logit_scale", "logit_bias") \
+                else "text"
+            counts[tower] += n
+            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + n * _DTYPE_BYTES.get(info["dtype"], 4)
+    return {"params": counts, "total": sum(counts.values()), "dtypes": sorted(dtypes, key=lambda k: -dtypes[k])}
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.2f} {prefix}{unit}"
+        n /= 1000.0
+    return f"{n} {unit}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _architecture_rows(cfg: dict, stats: dict) -> list[list[str]]:
+    from .models.specs import spec_from_open_clip_cfg
+
+    rows: list[list[str]] = []
+    model_cfg = cfg.get("model_cfg", cfg)
+    try:
+        spec = spec_from_open_clip_cfg(cfg)
+    except Exception:  # a folder evaclip did not write: describe what the config says
+        spec = None
+    if spec is not None:
+        v, t = spec.vision, spec.text
+        feats = [("RMSNorm" if v.norm == "rms" else "LayerNorm"), *(["post-norm"] if v.post_norm else []),
+                 *(["SwiGLU"] if v.swiglu else []), *(["RoPE"] if v.rope else []), *(["sub-LN"] if v.subln else []),
+                 "qkv bias" if v.qkv_bias else "no qkv bias"]
+        rows += [["vision tower", f"EVA ViT: width {v.width}, depth {v.depth}, {v.heads} heads, MLP {v.mlp_dim}, "
+                                  f"patch {v.patch_size}, image {v.image_size}px ({', '.join(feats)})"],
+                 ["text tower", f"width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}, "
+                                f"vocabulary {t.vocab_size}"],
+                 ["embedding dim", str(spec.embed_dim)]]
+    else:
+        rows += [["embedding dim", str(model_cfg.get("embed_dim", "?"))],
+                 ["vision config", f"`{json.dumps(model_cfg.get('vision_cfg', {}), sort_keys=True)[:300]}`"]]
+    p = stats["params"]
+    rows.append(["parameters", f"{_params(stats['total'])} (vision {_params(p['visual'])}, text {_params(p['text'])})"])
+    rows.append(["weights dtype", ", ".join(d.lower() for d in stats["dtypes"]) or "?"])
+    return rows
+
+
+def _table(rows: list[list[str]], header=("", "")) -> str:
+    out = ["| " + " | ".join(header) + " |", "| --- | --- |"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _yaml_list(items: Iterable[str]) -> str:
+    return "".join(f"- {json.dumps(i)}\n" for i in items)
+
+
+def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: Iterable[str] = (),
+               results: Optional[dict] = None, base_model: Optional[str] = None) -> str:
+    """README.md for the repo: Hub metadata, how to load it (open_clip, evaclip), the architecture, the training
+    summary when the source is an evaclip run, the eval-suite table when results are given, and the files."""
+    from .report import datasets_for, results_markdown, training_summary
+
+    cfg = json.loads(staged.files[CONFIG_NAME].read_text())
+    stats = weight_stats(staged.files)
+    name = repo_id.split("/", 1)[1]
+    ds = datasets_for(staged.run_dir, datasets)
+    meta = [f"license: {json.dumps(license)}", "library_name: open_clip",
+            "pipeline_tag: zero-shot-image-classification", "tags:", _yaml_list(TAGS).rstrip("\n")]
+    if ds:
+        meta += ["datasets:", _yaml_list(ds).rstrip("\n")]
+    if base_model:
+        meta += [f"base_model: {json.dumps(base_model)}"]
+    size = sum(p.stat().st_size for p in staged.files.values())
+    lines = ["---", *meta, "---", "", f"# {name}", "",
+             f"An EVA-CLIP model ({_params(stats['total'])} parameters) in open_clip's layout "
+             f"(`{CONFIG_NAME}` + safetensors), pushed with [evaclip](https://pypi.org/project/evaclip/) "
+             f"{__version__}.", "",
+             "## Model", "", _table(_architecture_rows(cfg, stats)), "",
+             "## How to use", "", "### open_clip", "",
+             "The vision tower is a timm EVA model described by `timm_model_kwargs` in the config; importing "
+             "`evaclip_cli` first registers it with timm and open_clip (and loads sharded weights).", "",
+             "```python", "import evaclip_cli  # noqa: F401  (pip install evaclip)", "import open_clip",
+             "import torch", "from PIL import Image", "",
+             f'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo_id}")',
+             f'tokenizer = open_clip.get_tokenizer("hf-hub:{repo_id}")', "model.eval()", "",
+             'image = preprocess(Image.open("cat.jpg")).unsqueeze(0)',
+             'text = tokenizer(["a photo of a cat", "a photo of a dog"])',
+             "with torch.no_grad():",
+             "    img = model.encode_image(image)",
+             "    txt = model.encode_text(text)",
+             "    img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)",
+             "    probs = (100.0 * img @ txt.T).softmax(dim=-1)", "print(probs)", "```", "",
+             "### evaclip", "", "```bash", "pip install evaclip",
+             f"hf download {repo_id} --local-dir {name}            # an open_clip folder",
+             f"evaclip eval zeroshot --model {name} --dataset DATA   # zero-shot eval (CLIP_benchmark protocol)",
+             f"evaclip convert {name} {name}.pt --to eva            # the EVA-CLIP reference layout",
+             "```", ""]
+    if staged.run_dir is not None:
+        summary = training_summary(staged.run_dir)
+        if summary:
+            lines += ["## Training", "", "Trained with `evaclip train` (DeepSpeed); from the run's "
+                      "`evaclip_recipe.toml` and `metrics.jsonl`:", "", summary.rstrip(), ""]
+    if results:
+        lines += ["## Evaluation", "", results_markdown(results).rstrip(), ""]
+    file_rows = [[f"`{n}`", _human(p.stat().st_size)] for n, p in sorted(staged.files.items())]
+    lines += ["## Files", "", _table(file_rows, ("file", "size")), "",
+              f"{len(staged.files)} files, {_human(size)} in all.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ Hub errors
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> Optional[int]:
+    for e in _chain(exc):
+        resp = getattr(e, "response", None)
+        code = getattr(resp, "status_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def _server_message(exc: BaseException) -> str:
+    for e in _chain(exc):
+        msg = getattr(e, "server_message", None)
+        if msg:
+            return " ".join(str(msg).split())[:300]
+    return ""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    status = _http_status(exc)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    try:
+        import httpx2 as httpx
+    except ImportError:  # huggingface_hub < 2 used httpx / requests
+        try:
+            import httpx
+        except ImportError:
+            httpx = None
+    for e in _chain(exc):
+        if httpx is not None and isinstance(e, httpx.TransportError):
+            return True
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if type(e).__name__ in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError"):
+            return True
+    return False
+
+
+class _Scrub:
+    """Removes the token from any text shown to the user."""
+
+    def __init__(self, token: Optional[str]):
+        self.token = token
+
+    def __call__(self, text: str) -> str:
+        return text.replace(self.token, "***") if self.token else text
+
+
+def _user_error(exc: BaseException, repo_id: str, revision: Optional[str], what: str, scrub: _Scrub) -> UserError:
+    status = _http_status(exc)
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    srv = scrub(_server_message(exc))
+    detail = f": {srv}" if srv else ""
+    if status == 401:
+        msg = (f"the Hub rejected the token while {what} {where} (401 Unauthorized{detail}); set HF_TOKEN to a valid "
+               "token with write access, or run `hf auth login`")
+    elif status == 403:
+        msg = (f"no write access to {where} (403 Forbidden{detail}); use a token with write permission on the "
+               f"'{repo_id.split('/')[0]}' namespace (fine-grained tokens need it granted), or push to your own")
+    elif status == 404:
+        msg = (f"{where} not found while {what} (404{detail}); check --repo"
+               + (" and --revision (a pull request targets an existing branch)" if revision else "")
+               + ", and that the token can see the repo")
+    elif status == 409:
+        msg = (f"conflict while {what} {where} (409 Conflict{detail}); someone else may be writing to it: "
+               "run the push again, or use --create-pr / another --revision")
+    elif status is not None:
+        msg = f"the Hub refused {what} {where} (HTTP {status}{detail})"
+    else:
+        msg = f"{what} {where} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return UserError(scrub(msg))
+
+
+def with_retries(fn: Callable, what: str, repo_id: str, revision: Optional[str], scrub: _Scrub,
+                 log: Callable[[str], None], attempts: int = RETRIES, backoff_s: Optional[float] = None):
+    """Run one Hub step; transient failures are retried with exponential backoff, the rest become one line."""
+    delay = _backoff_s() if backoff_s is None else backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  (classified below; nothing is swallowed)
+            if not _is_transient(e):
+                raise _user_error(e, repo_id, revision, what, scrub) from None
+            status = _http_status(e)
+            why = f"HTTP {status}" if status else type(e).__name__
+            if attempt == attempts:
+                raise UserError(scrub(f"the Hub kept failing while {what} {repo_id} ({why}, {attempts} attempts); "
+                                      "nothing was committed, try again later")) from None
+            log(f"{what} {repo_id}: {why}; retrying in {delay:g}s (attempt {attempt + 1}/{attempts})")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not REPO_ID_RE.fullmatch(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise UserError(f"--repo '{repo_id}' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')")
+
+
+def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str] = None, create_pr: bool = False,
+             commit_message: Optional[str] = None, results: Optional[Path] = None, dry_run: bool = False,
+             out: Optional[Path] = None, force: bool = False, overwrite_card: bool = False, license: str = "mit",
+             datasets: Iterable[str] = (), card: Optional[Path] = None, max_shard_size: Optional[str] = None,
+             dtype: Optional[str] = None, eva_config=None, model=None, recipe=None,
+             echo: Callable[[str], None] = print) -> dict:
+    """Stage SRC, write the card, and upload everything in one commit (or, with ``dry_run``, write the folder)."""
+    from .convert import AtomicDir, parse_size
+    from .report import load_results
+
+    def log(msg: str) -> None:
+        print(f"evaclip: {msg}", file=sys.stderr)
+
+    _check_repo_id(repo_id)
+    if create_pr and revision == "":
+        raise UserError("--revision is empty")
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
+    results_data = load_results(results) if results else None
+    card_text = None
+    if card is not None:
+        try:
+            card_text = Path(card).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--card {card}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    token = None
+    if not dry_run:
+        from huggingface_hub import get_token
+
+        token = get_token()
+        if not token:
+            raise UserError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
+                            "`hf auth login`")
+    if dry_run:
+        out = Path(out) if out else Path(f"{repo_id.split('/', 1)[1]}-push")
+        if out.exists() and not force:
+            raise UserError(f"{out} exists; pass --force to replace it (or --out DIR)")
+    scrub = _Scrub(token)
+    work = Path(tempfile.mkdtemp(prefix="evaclip-push-"))
+    try:
+        staged = stage(Path(src), work, max_shard_size=max_shard_size, dtype=dtype, eva_config=eva_config,
+                       model=model, recipe=recipe)
+        readme = work / "README.md"
+        readme.write_text(card_text if card_text is not None else
+                          model_card(repo_id, staged, license=license, datasets=datasets, results=results_data))
+        files = {**staged.files, "README.md": readme}
+        if dry_run:
+            with AtomicDir(out, force) as tmp:
+                for name, path in files.items():
+                    _link_or_copy(path, tmp / name)
+            listing = [(name, (out / name).stat().st_size, _sha256(out / name)) for name in sorted(files)]
+            echo(f"dry run: nothing uploaded; {repo_id} would get these {len(listing)} files in one commit, "
+                 f"written to {out}:")
+            for name, size, sha in listing:
+                echo(f"  {name:<48} {_human(size):>11}  sha256 {sha}")
+            echo(f"upload it with: evaclip push {out} --repo {repo_id}" + (" --card " + str(out / "README.md")))
+            return {"dry_run": True, "out": str(out), "files": {n: {"size": s, "sha256": h} for n, s, h in listing}}
+        return _upload(repo_id, files, token=token, private=private, revision=revision, create_pr=create_pr,
+                       commit_message=commit_message or f"Upload {repo_id.split('/', 1)[1]} with evaclip {__version__}",
+                       overwrite_card=overwrite_card, scrub=scrub, log=log, echo=echo)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _upload(repo_id: str, files: dict, *, token: str, private: bool, revision: Optional[str], create_pr: bool,
+            commit_message: str, overwrite_card: bool, scrub: _Scrub, log, echo) -> dict:
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its retry warnings: evaclip says it in one line of its own
+    if not sys.stderr.isatty():
+        disable_progress_bars()  # bars in a log file are noise; a terminal keeps them
+    api = HfApi(token=token)
+    step = lambda fn, what: with_retries(fn, what, repo_id, revision, scrub, log)  # noqa: E731
+    step(lambda: api.create_repo(repo_id, private=True if private else None, exist_ok=True), "creating")
+    if revision and not create_pr:
+        step(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "creating a branch on")
+    kept_card = False
+    if not overwrite_card:
+        exists = step(lambda: api.file_exists(repo_id, "README.md", revision=revision), "reading")
+        if exists:
+            files = {k: v for k, v in files.items() if k != "README.md"}
+            kept_card = True
+    names = sorted(files)
+    total = sum(files[n].stat().st_size for n in names)
+    description = (f"{len(names)} files, {_human(total)}: " + ", ".join(names) + f" (evaclip {__version__})")
+
+    def commit():
+        ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(files[n])) for n in names]  # fresh per try
+        return api.create_commit(repo_id, ops, commit_message=commit_message, commit_description=description,
+                                 revision=revision, create_pr=create_pr)
+
+    info = step(commit, "committing to")
+    target = f"{repo_id}@{revision}" if revision else repo_id
+    echo(f"pushed {len(names)} files ({_human(total)}) to {target} in one commit {info.oid[:12]}: {info.commit_url}")
+    if kept_card:
+        echo("kept the README.md already on the Hub (pass --overwrite-card to replace it with the generated card)")
+    if info.pr_url:
+        echo(f"pull request: {info.pr_url}")
+    return {"dry_run": False, "commit": info.oid, "commit_url": info.commit_url, "pr_url": info.pr_url,
+            "files": names, "kept_card": kept_card}
