@@ -74,9 +74,12 @@ class InitSection(_Section):
     vision: Optional[str] = None  # distilled student (MIM layout) or evaclip/open_clip checkpoint
     text: Optional[str] = None  # EVA .pt or open_clip folder whose text tower initialises ours
     text_arch: Optional[str] = None  # released name for an EVA .pt without config (e.g. EVA02-CLIP-bigE-14-plus)
+    # a whole CLIP to continue from (both towers, projections, logit_scale): a `train` run folder, its final/
+    # open_clip folder or a DeepSpeed checkpoint folder; the video stage starts here
+    clip: Optional[str] = None
     skip: list[str] = Field(default_factory=lambda: ["head", "lm_head", "mask_token", "rope", "fc_norm"])
 
-    @field_validator("vision", "text", "text_arch")
+    @field_validator("vision", "text", "text_arch", "clip")
     @classmethod
     def _empty_is_none(cls, v):
         return v or None
@@ -190,10 +193,24 @@ class DistillSection(_Section):
 
 # ----------------------------------------------------------------------------------------------------------- video
 class VideoSection(_Section):
-    frames: int = 8
-    image_weight: float = 1.0  # image shards mixed in by weight
-    video_weight: float = 1.0
-    jitter: bool = True
+    frames: int = 8  # frames per clip (uniform segments; their embeddings are averaged)
+    image_weight: float = 1.0  # image shards mixed in by weight (multiplies each image source's weight)
+    video_weight: float = 1.0  # multiplies each video source's weight
+    jitter: bool = True  # a random frame per segment while training (segment centres when false)
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, v):
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @field_validator("image_weight", "video_weight")
+    @classmethod
+    def _weight(cls, v):
+        if v < 0:
+            raise ValueError("must be >= 0 (0 leaves that kind of source out)")
+        return v
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -262,6 +279,9 @@ class Recipe(_Section):
             raise ValueError("tokens.image.method = 'resize' needs tokens.image.image_size")
         if img.method == "resize" and img.image_size % v.patch_size:
             raise ValueError(f"tokens.image.image_size {img.image_size} is not a multiple of patch_size {v.patch_size}")
+        if self.init.clip and self.stage != "video":
+            raise ValueError("init.clip (a whole CLIP to continue from) is read by the video stage; a train recipe "
+                             "takes init.vision / init.text")
         if self.tokens.text.method != "none" and not self.tokens.text.length:
             raise ValueError(f"tokens.text.method = '{self.tokens.text.method}' needs tokens.text.length")
         return self
@@ -311,7 +331,7 @@ def builtin_names() -> list[str]:
 def find_recipe(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
     p = Path(name_or_path)
     candidates = []
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():  # a folder named like a recipe is not one
         if relative_to is not None and not p.is_absolute():
             candidates.append(relative_to / p)
         candidates.append(p)

@@ -16,6 +16,7 @@ EXPECTED = {
     "distill-tiny": 4_167_937,
     "tiny-student": 4_167_937,  # the student arch as a CLIP (distill uses its vision tower)
     "video-18b": REFERENCE_PARAMS["18b"],
+    "video-tiny": 3_684_225,  # the tiny CLIP, continued on video
     "tiny": 3_684_225,
     "clipa-h14": 986_067_201,
     "clipa-h14-ft224": 986_067_201,

@@ -4,9 +4,18 @@ Each image is one shape (8 kinds) in one colour (8 named colours), at a random s
 random gradient/textured background with mild noise. Captions come from varied templates and sometimes mention
 size or position. Written in the layout img2dataset writes (``KEY.jpg`` + ``KEY.txt`` + ``KEY.json`` in tar
 shards), plus ImageFolder zero-shot sets (shapes, colours) built from held-out seeds.
+
+Videos (for ``evaclip finetune-video``): one shape in one colour doing one of five motions over 16 frames
+(``MOTIONS``: sliding sideways, moving up and down, blinking, growing and shrinking, standing still). Sideways and
+up-and-down clips differ only in where the shape is over time, so a single frame cannot tell them apart; a mean over
+several frames can. Written as Motion-JPEG AVI files (a real container and codec that decord/FFmpeg read; the writer
+is a few lines of RIFF, so no video encoder is needed at run time): ``video_train/`` shards (``KEY.avi`` +
+``KEY.txt`` + ``KEY.json``), ``video_val.csv`` (a ``path,caption`` manifest for retrieval) and zero-shot folders
+``zeroshot_video/{motion,colors}/test/<class>/*.avi`` from held-out seeds.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -16,7 +25,7 @@ import tarfile
 import time
 from pathlib import Path
 
-VERSION = 3
+VERSION = 4
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -177,14 +186,168 @@ def _write_zeroshot(root: Path, per_class: int, seed: int, size: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------------- videos
+MOTIONS = {  # folder name -> class name used in captions and zero-shot prompts
+    "sideways": "sliding sideways", "up_down": "moving up and down", "blinking": "blinking",
+    "pulsing": "growing and shrinking", "still": "standing still",
+}
+VIDEO_TEMPLATES = [
+    "a {color} {shape} {motion}.", "a video of a {color} {shape} {motion}.", "a {size} {color} {shape} {motion}.",
+    "a {color} {shape} {motion} on a {bg} background.", "a clip of a {shape} in {color}, {motion}.",
+    "a {shape} {motion}.", "something {color} {motion}.",
+]
+ZS_VIDEO_TEMPLATES = {
+    "motion": ["a video of a shape {c}.", "a shape {c}.", "something {c}.", "a clip of an object {c}."],
+    "colors": ["a video of something {c}.", "a {c} shape.", "something {c}.", "a {c} object."],
+}
+VIDEO_FRAMES = 16
+VIDEO_FPS = 8
+VIDEO_SHARD_SIZE = 250
+
+
+def mjpeg_avi(jpegs: list, width: int, height: int, fps: int) -> bytes:
+    """An AVI file (RIFF: hdrl with avih/strh/strf, movi with one ``00dc`` chunk per frame, idx1) holding
+    Motion-JPEG frames: the simplest real video container, readable by FFmpeg (and so decord, PyAV, OpenCV)."""
+    import struct
+
+    def chunk(fourcc: bytes, data: bytes) -> bytes:
+        return fourcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def lst(kind: bytes, data: bytes) -> bytes:
+        return b"LIST" + struct.pack("<I", len(data) + 4) + kind + data
+
+    n, biggest = len(jpegs), max(len(j) for j in jpegs)
+    avih = struct.pack("<14I", 1_000_000 // fps, biggest * fps, 0, 0x10, n, 0, 1, biggest, width, height, 0, 0, 0, 0)
+    strh = b"vidsMJPG" + struct.pack("<IHHIIIIIIiI4h", 0, 0, 0, 0, 1, fps, 0, n, biggest, -1, 0, 0, 0, width, height)
+    strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
+    hdrl = lst(b"hdrl", chunk(b"avih", avih) + lst(b"strl", chunk(b"strh", strh) + chunk(b"strf", strf)))
+    movi, index, offset = [], [], 4
+    for j in jpegs:
+        c = chunk(b"00dc", j)
+        index.append(b"00dc" + struct.pack("<III", 0x10, offset, len(j)))  # 0x10: key frame
+        movi.append(c)
+        offset += len(c)
+    body = b"AVI " + hdrl + lst(b"movi", b"".join(movi)) + chunk(b"idx1", b"".join(index))
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def render_video(rng: random.Random, size: int, frames: int = VIDEO_FRAMES, motion: str | None = None):
+    """One clip: (list of JPEG frames, caption, metadata). The shape, colour and background are drawn as in
+    ``render``; ``motion`` (a ``MOTIONS`` key) is random unless given."""
+    from PIL import Image, ImageDraw
+
+    motion = motion or rng.choice(list(MOTIONS))
+    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    fg = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
+    dark = rng.random() < 0.5
+    if color in ("white", "yellow"):
+        dark = True
+    elif color == "black":
+        dark = False
+    base = [rng.randint(10, 90) if dark else rng.randint(160, 235) for _ in range(3)]
+    bg = Image.new("RGB", (size, size), tuple(base))
+    d = ImageDraw.Draw(bg)
+    freq = rng.uniform(0.5, 3)
+    for y in range(0, size, 4):
+        shade = int(18 * math.sin(y / size * math.pi * freq))
+        d.rectangle([0, y, size, y + 3], fill=tuple(max(0, min(255, c + shade)) for c in base))
+    scale = rng.choice(["small", "large"])
+    r0 = size * (rng.uniform(0.13, 0.16) if scale == "small" else rng.uniform(0.19, 0.23))
+    lo, hi = r0 * 1.3, size - r0 * 1.3
+    cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    rot = rng.uniform(-0.35, 0.35) + {"triangle": -math.pi / 2, "star": -math.pi / 2, "diamond": -math.pi / 2,
+                                       "square": math.pi / 4}.get(shape, 0.0)
+    sign, phase = rng.choice([-1, 1]), rng.random() * 2 * math.pi
+    period = rng.uniform(5, 8)  # frames per blink / pulse cycle
+    jpegs = []
+    for t in range(frames):
+        u = t / (frames - 1)
+        x, y, r, visible = cx, cy, r0, True
+        if motion == "sideways":
+            x = lo + (hi - lo) * (u if sign > 0 else 1 - u)
+        elif motion == "up_down":
+            y = lo + (hi - lo) * (u if sign > 0 else 1 - u)
+        elif motion == "blinking":
+            visible = math.sin(2 * math.pi * t / period + phase) > 0
+        elif motion == "pulsing":
+            r = r0 * (1 + 0.45 * math.sin(2 * math.pi * t / period + phase))
+        else:  # still: the camera shakes by a pixel
+            x, y = cx + rng.uniform(-1, 1), cy + rng.uniform(-1, 1)
+        img = bg.copy()
+        if visible:
+            dd = ImageDraw.Draw(img)
+            if shape == "circle":
+                dd.ellipse([x - r, y - r, x + r, y + r], fill=fg)
+            elif shape == "ring":
+                dd.ellipse([x - r, y - r, x + r, y + r], outline=fg, width=max(2, int(r * 0.35)))
+            else:
+                dd.polygon(_polygon(shape, x, y, r, rot), fill=fg)
+        jpegs.append(_jpeg(img))
+    template = rng.choice(VIDEO_TEMPLATES)
+    if color == "orange":
+        template = template.replace("a {color}", "an {color}")
+    caption = template.format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
+                              motion=MOTIONS[motion])
+    return jpegs, caption, {"shape": shape, "color": color, "size": scale, "motion": motion}
+
+
+def _write_videos(root: Path, n: int, per_class: int, seed: int, size: int) -> dict:
+    folder = root / "video_train"
+    folder.mkdir(parents=True)
+    for shard in range(math.ceil(n / VIDEO_SHARD_SIZE)):
+        with tarfile.open(folder / f"shard-{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(shard * VIDEO_SHARD_SIZE, min(n, (shard + 1) * VIDEO_SHARD_SIZE)):
+                jpegs, caption, meta = render_video(random.Random(f"{seed}-vtr-{i}"), size)
+                key = f"vt{i:07d}"
+                _add(tar, f"{key}.avi", mjpeg_avi(jpegs, size, size, VIDEO_FPS))
+                _add(tar, f"{key}.txt", caption.encode())
+                _add(tar, f"{key}.json", json.dumps({"key": key, "caption": caption, **meta}).encode())
+    # held-out clips: zero-shot folders (motion: every class balanced; colours: the same clips' colour folders
+    # would be unbalanced, so they get their own) and a retrieval manifest
+    out: dict = {"train": {"samples": n, "shards": len(list(folder.glob("*.tar"))), "frames": VIDEO_FRAMES,
+                           "fps": VIDEO_FPS}, "zeroshot": {}}
+    for task, classes in (("motion", list(MOTIONS)), ("colors", list(COLORS))):
+        base = root / "zeroshot_video" / task
+        for c in classes:
+            (base / "test" / c).mkdir(parents=True)
+        i = 0
+        for k in range(per_class):
+            for c in classes:
+                rng = random.Random(f"{seed}-zs-{task}-{i}")
+                i += 1
+                if task == "motion":
+                    jpegs, _, _ = render_video(rng, size, motion=c)
+                else:
+                    while True:  # a colour-balanced set: draw until the colour matches
+                        jpegs, _, meta = render_video(rng, size)
+                        if meta["color"] == c:
+                            break
+                (base / "test" / c / f"{k:04d}.avi").write_bytes(mjpeg_avi(jpegs, size, size, VIDEO_FPS))
+        names = [MOTIONS[c] for c in sorted(classes)] if task == "motion" else sorted(classes)
+        (base / "classnames.txt").write_text("".join(c + "\n" for c in names))
+        (base / "templates.txt").write_text("".join(t + "\n" for t in ZS_VIDEO_TEMPLATES[task]))
+        out["zeroshot"][task] = {"classes": names, "per_class": per_class}
+    val = root / "video_val"
+    val.mkdir()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "caption"])
+    for i in range(per_class * 4):
+        jpegs, caption, _ = render_video(random.Random(f"{seed}-vva-{i}"), size)
+        (val / f"{i:05d}.avi").write_bytes(mjpeg_avi(jpegs, size, size, VIDEO_FPS))
+        writer.writerow([f"video_val/{i:05d}.avi", caption])
+    (root / "video_val.csv").write_text(buf.getvalue())
+    out["val"] = {"samples": per_class * 4, "manifest": "video_val.csv"}
+    return out
+
+
 def make_demo(out: Path | str, n_train: int = 6400, n_val: int = 512, image_size: int = 64, seed: int = 0,
-              per_class: int = 40, n_videos: int = 0, force: bool = False) -> dict:
-    """Write the demo dataset to ``out`` (atomically); reuse it when it is already there with the same settings."""
-    if n_videos:
-        raise NotImplementedError("demo videos are added with the video stage (finetune-video); n_videos must be 0")
+              per_class: int = 40, n_videos: int = 1000, video_per_class: int = 16, force: bool = False) -> dict:
+    """Write the demo dataset to ``out`` (atomically); reuse it when it is already there with the same settings.
+    ``n_videos`` training clips (0: no videos), ``video_per_class`` held-out clips per zero-shot video class."""
     out = Path(out)
     params = {"version": VERSION, "n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed,
-              "per_class": per_class}
+              "per_class": per_class, "n_videos": n_videos, "video_per_class": video_per_class}
     meta_path = out / "demo.json"
     if meta_path.is_file() and not force:
         try:
@@ -202,7 +365,10 @@ def make_demo(out: Path | str, n_train: int = 6400, n_val: int = 512, image_size
     n_va = _write_shards(tmp / "val", n_val, seed + 1_000_003, image_size, "va")
     zs = _write_zeroshot(tmp / "zeroshot", per_class, seed + 2_000_003, image_size)
     meta = {"params": params, "train": {"samples": n_tr, "shards": len(list((tmp / "train").glob("*.tar")))},
-            "val": {"samples": n_va}, "zeroshot": zs, "seconds": round(time.perf_counter() - t0, 2)}
+            "val": {"samples": n_va}, "zeroshot": zs}
+    if n_videos:
+        meta["video"] = _write_videos(tmp, n_videos, video_per_class, seed + 3_000_003, image_size)
+    meta["seconds"] = round(time.perf_counter() - t0, 2)
     (tmp / "demo.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -165,7 +165,7 @@ class StreamDataset:
         empty_run = 0
         while True:
             url, filt = self._unit(stream, unit)
-            members = iter_members(url, counters)
+            members = self._members(url, counters)
             if filt is not None:
                 members = (m for k, m in enumerate(members) if k % filt[0] == filt[1])
             block_idx, pos, got_any = 0, 0, False
@@ -190,6 +190,16 @@ class StreamDataset:
             if empty_run >= 1000:
                 raise RuntimeError(f"stream {stream}: 1000 shards in a row without a readable sample")
             unit, offset = unit + 1, 0
+
+    def _members(self, url: str, counters: dict) -> Iterator[dict]:
+        """The raw samples of one unit (a shard); subclasses read other unit kinds (e.g. CSV row ranges)."""
+        return iter_members(url, counters)
+
+    def _collate(self, items: list) -> dict:
+        """Decoded items of one batch -> the batch's tensors (subclasses batch clips of varying length)."""
+        import torch
+
+        return {"image": torch.stack(items)}
 
     def _decode(self, raw: dict, rng: random.Random, counters: dict):
         from PIL import Image
@@ -242,8 +252,7 @@ class StreamDataset:
             images.append(item[0])
             captions.append(item[1])
             if len(images) == self.micro_batch:
-                batch = {"image": torch.stack(images), "stream": stream, "pos": list(pos),
-                         "counters": dict(counters)}
+                batch = {**self._collate(images), "stream": stream, "pos": list(pos), "counters": dict(counters)}
                 if self.tokenizer is not None:
                     trng = np.random.default_rng(_seed(self.seed, "text", stream, *pos))
                     batch["text"] = self.tokenizer(captions, trng)
@@ -290,7 +299,8 @@ class TrainLoader:
 def build_train_loader(sources, image_size: int, micro_batch: int, workers: int, tokenizer, seed: int = 0,
                        rank: int = 0, world_size: int = 1, resampled: bool = True, shuffle_buffer: int = 1000,
                        scale=(0.9, 1.0), interpolation: str = "bicubic", hflip: bool = False,
-                       start_state: Optional[dict] = None) -> TrainLoader:
+                       start_state: Optional[dict] = None, dataset_cls=None, **dataset_kwargs) -> TrainLoader:
+    """``dataset_cls`` (a StreamDataset subclass, e.g. the video one) gets ``dataset_kwargs`` as well."""
     expanded = []
     for src in sources:
         shards = expand_shards(src.shards)
@@ -316,8 +326,9 @@ def build_train_loader(sources, image_size: int, micro_batch: int, workers: int,
         start = {s: [int(p[0]), int(p[1])] for s, p in start_state["streams"].items()}
         start["counters"] = start_state.get("counters", {})
         rotate = int(start_state["batches"]) % nworkers
-    ds = StreamDataset(expanded, image_size, micro_batch, tokenizer, seed, rank, world_size, nworkers, resampled,
-                       shuffle_buffer, scale, interpolation, hflip, start, rotate)
+    ds = (dataset_cls or StreamDataset)(expanded, image_size, micro_batch, tokenizer, seed, rank, world_size, nworkers,
+                                        resampled, shuffle_buffer, scale, interpolation, hflip, start, rotate,
+                                        **dataset_kwargs)
     return TrainLoader(_Iterable(ds), workers, start_state)
 
 

@@ -1,0 +1,354 @@
+"""Video-text data: decoding with decord, frame sampling, video shards / CSV manifests mixed with image shards, and
+the zero-shot video eval sets.
+
+* Sampling: a clip of N frames is cut into T equal segments; training takes a random frame in each segment
+  (segment jitter, TSN-style), eval takes each segment's centre; the paper's single-frame protocol takes the
+  middle frame (``frame_indices``).
+* Training sources: webdataset shards whose samples are ``KEY.mp4|webm|avi|mkv|mov`` + ``KEY.txt``, image shards
+  (``KEY.jpg`` ...), and CSV manifests (``path,caption``; paths relative to the CSV's folder), each read in units
+  of ``CSV_UNIT`` rows so they shard over ranks/workers like tar files. All of it runs through the resumable
+  stream of ``data/wds.py`` (same seeding, same exact resume), decoded in the DataLoader workers.
+* A batch holds the frames of all its samples in one tensor (``image``: [sum of frames, 3, S, S]) and the frame
+  count of each sample (``nframes``: 1 for an image, T for a clip), so the stage encodes every frame in one
+  forward and averages each clip's frame embeddings.
+* One random crop (RandomResizedCrop parameters) and one flip per clip, applied to all of its frames.
+* A corrupt, empty or unsupported video is skipped and counted (``skipped_corrupt``); a sample without a video or
+  image or caption counts as ``skipped_missing``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from ..errors import UserError
+from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, StreamDataset, rrc_params
+
+VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")
+CSV_UNIT = 256  # manifest rows per unit (the CSV counterpart of a shard)
+
+
+class VideoError(Exception):
+    """A clip that cannot be used: unreadable container or stream, no frames."""
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def frame_indices(n: int, frames: int, mode: str = "uniform", rng: Optional[random.Random] = None) -> list[int]:
+    """Frame numbers to decode from a clip of ``n`` frames.
+
+    ``uniform``: the centres of ``frames`` equal segments; ``jitter``: a random frame inside each segment (``rng``);
+    ``middle``: the middle frame only (the paper's single-frame protocol). Clips shorter than ``frames`` repeat
+    frames, so every clip yields the same count."""
+    if n <= 0:
+        raise VideoError("the video has no frames")
+    if mode == "middle":
+        return [n // 2]
+    if frames <= 0:
+        raise ValueError("frames must be positive")
+    seg = n / frames
+    if mode == "jitter":
+        rng = rng or random.Random()
+        return [min(n - 1, int(seg * i + rng.random() * seg)) for i in range(frames)]
+    if mode == "uniform":
+        return [min(n - 1, int(seg * (i + 0.5))) for i in range(frames)]
+    raise ValueError(f"unknown sampling mode {mode!r}")
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+def read_clip(src, pick: Callable[[int], Sequence[int]]):
+    """Decode the frames ``pick(n_frames)`` of a video (a path or the file's bytes) with decord: uint8 array
+    [T, H, W, 3]. Raises VideoError for anything that is not a readable, non-empty video."""
+    import decord
+
+    decord.bridge.set_bridge("native")
+    try:
+        source = str(src) if isinstance(src, (str, Path)) else io.BytesIO(src)
+        vr = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+    except Exception as e:  # DECORDError, RuntimeError, ...: not a video decord can open
+        raise VideoError(f"cannot open: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    try:
+        n = len(vr)
+        idx = list(pick(n))
+        frames = vr.get_batch(idx).asnumpy()
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(f"cannot decode: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise VideoError(f"decoded {tuple(frames.shape)} for {len(idx)} frames")
+    return frames
+
+
+def _to_tensor(frames):
+    """uint8 [T, H, W, 3] -> float [T, 3, H, W] in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def train_clip_transform(frames, rng: random.Random, image_size: int, scale, interpolation: str = "bicubic",
+                         hflip: bool = False):
+    """One RandomResizedCrop (and flip) for every frame of the clip, CLIP mean/std: float [T, 3, S, S]."""
+    from torchvision.transforms import functional as TF
+
+    x = _to_tensor(frames)
+    h, w = x.shape[-2:]
+    i, j, ch, cw = rrc_params(rng, w, h, scale)
+    interp = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    x = TF.resized_crop(x, i, j, ch, cw, [image_size, image_size], interpolation=interp, antialias=True)
+    if hflip and rng.random() < 0.5:
+        x = TF.hflip(x)
+    return TF.normalize(x.clamp_(0, 1), CLIP_MEAN, CLIP_STD)
+
+
+def eval_clip_transform(frames, image_size: int):
+    """CLIP eval preprocessing on every frame: short side to S (bicubic), centre crop, mean/std: [T, 3, S, S]."""
+    from torchvision.transforms import functional as TF
+
+    x = _to_tensor(frames)
+    x = TF.resize(x, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    x = TF.center_crop(x, [image_size, image_size])
+    return TF.normalize(x.clamp_(0, 1), CLIP_MEAN, CLIP_STD)
+
+
+# ------------------------------------------------------------------------------------------------ training data
+def read_manifest(path: Path) -> list[tuple[str, str]]:
+    """(video path, caption) rows of a ``path,caption`` CSV (header required; paths relative to the CSV)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+            if "path" not in fields or "caption" not in fields:
+                raise UserError(f"{path}: a video manifest needs a header with 'path' and 'caption' columns "
+                                f"(found: {', '.join(fields) or 'nothing'})")
+            rows = []
+            for row in reader:
+                row = {k.strip().lower(): (v or "") for k, v in row.items() if k}
+                p = row["path"].strip()
+                if p:
+                    rows.append((str(p if Path(p).is_absolute() else path.parent / p), row["caption"].strip()))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the manifest ({e.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    return rows
+
+
+def _csv_units(path: str) -> list[str]:
+    rows = read_manifest(Path(path))
+    if not rows:
+        raise UserError(f"{path}: the manifest lists no video")
+    return [f"{path}#{a}:{min(a + CSV_UNIT, len(rows))}" for a in range(0, len(rows), CSV_UNIT)]
+
+
+class VideoStreamDataset(StreamDataset):
+    """The resumable stream of ``data/wds.py`` with video samples: frames sampled, decoded and augmented per
+    clip; images pass through as one-frame clips."""
+
+    def __init__(self, sources, *args, frames: int = 8, jitter: bool = True, **kw):
+        units = []
+        for shards, weight in sources:
+            expanded = []
+            for s in shards:
+                expanded.extend(_csv_units(s) if s.lower().endswith(".csv") else [s])
+            units.append((expanded, weight))
+        super().__init__(units, *args, **kw)
+        self.frames, self.jitter = frames, jitter
+        self._manifests: dict[str, list] = {}
+
+    def _members(self, url: str, counters: dict) -> Iterator[dict]:
+        head, _, rng_part = url.rpartition("#")
+        if not head.lower().endswith(".csv"):
+            yield from super()._members(url, counters)
+            return
+        if head not in self._manifests:
+            self._manifests[head] = read_manifest(Path(head))
+        a, b = (int(x) for x in rng_part.split(":"))
+        for i, (path, caption) in enumerate(self._manifests[head][a:b], start=a):
+            yield {"__key__": f"{head}:{i}", "path": path, "txt": caption.encode()}
+
+    def _decode(self, raw: dict, rng: random.Random, counters: dict):
+        ext = next((e for e in VIDEO_EXTS if e in raw), None)
+        if ext is None and "path" not in raw:
+            if any(e in raw for e in IMAGE_EXTS):
+                item = super()._decode(raw, rng, counters)
+                return None if item is None else (item[0].unsqueeze(0), item[1])
+            counters["skipped_missing"] += 1
+            return None
+        if "txt" not in raw:
+            counters["skipped_missing"] += 1
+            return None
+        src = raw[ext] if ext is not None else raw["path"]
+        if ext is None and Path(src).suffix.lower().lstrip(".") not in VIDEO_EXTS + IMAGE_EXTS:
+            counters["skipped_corrupt"] += 1  # an unsupported file type in a manifest
+            return None
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+            mode = "jitter" if self.jitter else "uniform"
+            if ext is None and Path(src).suffix.lower().lstrip(".") in IMAGE_EXTS:
+                from PIL import Image
+                import numpy as np
+
+                with Image.open(src) as im:
+                    frames = np.asarray(im.convert("RGB"))[None]
+            else:
+                frames = read_clip(src, lambda n: frame_indices(n, self.frames, mode, rng))
+        except Exception:
+            counters["skipped_corrupt"] += 1
+            return None
+        if not caption:
+            counters["skipped_missing"] += 1
+            return None
+        clip = train_clip_transform(frames, rng, self.image_size, self.scale, self.interpolation, self.hflip)
+        return clip, caption
+
+    def _collate(self, items: list) -> dict:
+        import torch
+
+        return {"image": torch.cat(items), "nframes": [int(t.shape[0]) for t in items]}
+
+
+def build_video_loader(sources, frames: int, jitter: bool, **kw):
+    """``data/wds.py``'s resumable loader over image shards, video shards and CSV manifests (see the module
+    docstring); ``kw`` as ``build_train_loader``."""
+    from .wds import build_train_loader
+
+    return build_train_loader(sources, dataset_cls=VideoStreamDataset, frames=frames, jitter=jitter, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- eval sets
+def _class_name(folder: str) -> str:
+    """Folder name -> prompt name: ``ApplyEyeMakeup`` -> ``apply eye makeup`` (UCF-101), ``riding_a_bike`` ->
+    ``riding a bike``."""
+    import re
+
+    name = folder.replace("_", " ")
+    if " " not in name and any(c.isupper() for c in name[1:]):
+        name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+        return name.lower()
+    return name
+
+
+class ClipDataset:
+    """Eval clips: (path, label) pairs decoded to [T, 3, S, S] (``frames`` segment centres, or the middle frame
+    when ``frames`` is 1). ``__getitem__`` returns None for a clip that cannot be decoded (counted by the caller)."""
+
+    def __init__(self, items: list[tuple[str, int]], frames: int, image_size: int):
+        self.items, self.frames, self.image_size = items, frames, image_size
+        self.missing = 0  # listed in a CSV, not on disk (Kinetics clips that vanished): counted as skipped
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        mode = "middle" if self.frames == 1 else "uniform"
+        try:
+            frames = read_clip(path, lambda n: frame_indices(n, self.frames, mode))
+        except VideoError:
+            return None
+        return eval_clip_transform(frames, self.image_size), label, i
+
+
+def load_video_classification(root, frames: int, image_size: int):
+    """A zero-shot video classification set: (ClipDataset, classnames, templates).
+
+    Layouts: a folder ``ROOT/<class>/*.mp4`` (or ``ROOT/test/<class>/``; UCF-101 unpacked is one) with optional
+    ``classnames.txt`` / ``templates.txt`` as in the image eval sets; or a CSV with a ``label`` column and either a
+    ``path`` column or Kinetics' ``youtube_id,time_start,time_end`` (files named
+    ``<youtube_id>_<start:06d>_<end:06d>.<ext>``, found next to the CSV, in ``<label>/`` or in ``videos/``)."""
+    from .eval_sets import DEFAULT_TEMPLATES
+
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: video eval set not found (a folder of <class>/*.mp4 or a CSV)")
+    base_dir = root.parent if root.is_file() else root
+    missing = 0
+    if root.is_file():
+        items, classnames, missing = _csv_classification(root)
+    else:
+        base = root / "test" if (root / "test").is_dir() else root
+        class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
+        if not class_dirs:
+            raise UserError(f"{base}: no class folders (expected {base}/<class>/*.mp4)")
+        items = []
+        for label, d in enumerate(class_dirs):
+            files = sorted(p for p in d.iterdir() if p.suffix.lower().lstrip(".") in VIDEO_EXTS)
+            if not files:
+                raise UserError(f"{d}: no videos ({', '.join('.' + e for e in VIDEO_EXTS)})")
+            items += [(str(p), label) for p in files]
+        classnames = [_class_name(d.name) for d in class_dirs]
+    names_file = base_dir / "classnames.txt"
+    if names_file.is_file():
+        names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+        if len(names) != len(classnames):
+            raise UserError(f"{names_file}: {len(names)} class names for {len(classnames)} classes; one name per "
+                            "class, in sorted order")
+        classnames = names
+    tpl_file = base_dir / "templates.txt"
+    templates = [ln.strip() for ln in tpl_file.read_text().splitlines() if ln.strip()] if tpl_file.is_file() \
+        else ["a video of a person {c}."] if root.is_file() else list(DEFAULT_TEMPLATES)
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise UserError(f"{tpl_file}: template without the {{c}} placeholder: {bad[0]!r}")
+    ds = ClipDataset(items, frames, image_size)
+    ds.missing = missing
+    return ds, classnames, templates
+
+
+def _csv_classification(path: Path):
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the CSV ({e})") from None
+    if not rows or "label" not in rows[0]:
+        raise UserError(f"{path}: a video classification CSV needs a header with a 'label' column and 'path' (or "
+                        "Kinetics' youtube_id,time_start,time_end)")
+    kinetics = "path" not in rows[0]
+    if kinetics and not {"youtube_id", "time_start", "time_end"} <= set(rows[0]):
+        raise UserError(f"{path}: no 'path' column and no Kinetics columns (youtube_id, time_start, time_end)")
+    labels = sorted({r["label"] for r in rows})
+    index = {c: i for i, c in enumerate(labels)}
+    items, missing = [], 0
+    for r in rows:
+        if kinetics:
+            stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+            found = None
+            for d in (path.parent, path.parent / r["label"], path.parent / r["label"].replace(" ", "_"),
+                      path.parent / "videos"):
+                for ext in VIDEO_EXTS:
+                    if (d / f"{stem}.{ext}").is_file():
+                        found = d / f"{stem}.{ext}"
+                        break
+                if found:
+                    break
+            if found is None:
+                missing += 1  # Kinetics clips vanish from YouTube: missing ones are reported, not fatal
+                continue
+            items.append((str(found), index[r["label"]]))
+        else:
+            p = Path(r["path"])
+            items.append((str(p if p.is_absolute() else path.parent / p), index[r["label"]]))
+    if not items:
+        raise UserError(f"{path}: none of the {len(rows)} listed clips was found")
+    return items, [_class_name(c) if "_" in c else c for c in labels], missing
+
+
+def load_video_retrieval(manifest, frames: int, image_size: int):
+    """A video-text retrieval set from a ``path,caption`` manifest (a path may repeat: several captions per
+    video): (ClipDataset over the unique videos, captions, caption -> video index)."""
+    rows = read_manifest(Path(manifest))
+    if not rows:
+        raise UserError(f"{manifest}: the manifest lists no video")
+    videos: dict[str, int] = {}
+    captions, owner = [], []
+    for path, caption in rows:
+        if not caption:
+            continue
+        owner.append(videos.setdefault(path, len(videos)))
+        captions.append(caption)
+    items = [(p, i) for p, i in videos.items()]
+    return ClipDataset(items, frames, image_size), captions, owner
