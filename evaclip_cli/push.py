@@ -262,9 +262,13 @@ def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: 
              f"evaclip convert {name} {name}.pt --to eva            # the EVA-CLIP reference layout",
              "```", ""]
     if staged.run_dir is not None:
+        from .report import read_recipe
+
         summary = training_summary(staged.run_dir)
+        stage_cmd = {"video": "finetune-video"}.get(read_recipe(staged.run_dir).get("stage", "train"),
+                                                    read_recipe(staged.run_dir).get("stage", "train"))
         if summary:
-            lines += ["## Training", "", "Trained with `evaclip train` (DeepSpeed); from the run's "
+            lines += ["## Training", "", f"Trained with `evaclip {stage_cmd}` (DeepSpeed); from the run's "
                       "`evaclip_recipe.toml` and `metrics.jsonl`:", "", summary.rstrip(), ""]
     if results:
         lines += ["## Evaluation", "", results_markdown(results).rstrip(), ""]
@@ -343,7 +347,7 @@ def _user_error(exc: BaseException, repo_id: str, revision: Optional[str], what:
         msg = (f"no write access to {where} (403 Forbidden{detail}); use a token with write permission on the "
                f"'{repo_id.split('/')[0]}' namespace (fine-grained tokens need it granted), or push to your own")
     elif status == 404:
-        msg = (f"{where} not found while {what} (404{detail}); check --repo"
+        msg = (f"not found while {what} {where} (404{detail}); check --repo"
                + (" and --revision (a pull request targets an existing branch)" if revision else "")
                + ", and that the token can see the repo")
     elif status == 409:

@@ -5,8 +5,10 @@
    and forwarded the same way, so evaclip folders stay loadable by later open_clip releases without evaclip.
 2. Sharded safetensors (``open_clip_model.safetensors.index.json`` + shards, the Hub's convention): found in a
    ``local-dir:`` folder and loaded as one state dict.
+3. The same shards in an ``hf-hub:`` repo (``evaclip push`` uploads large models so): the index and its shards are
+   downloaded into one snapshot folder and loaded as in 2 (stock open_clip would silently keep random weights).
 
-Both patches are additive: configs and folders without these fields behave exactly as in stock open_clip.
+All three patches are additive: configs and folders without these fields behave exactly as in stock open_clip.
 """
 from __future__ import annotations
 
@@ -106,4 +108,22 @@ def patch_open_clip() -> None:
 
     factory._find_checkpoint_in_dir = _find_checkpoint_in_dir
     factory.load_state_dict = load_state_dict
+
+    # -- 3. sharded safetensors in hf-hub: repos (what `evaclip push` uploads for large models) -----------------
+    orig_download = factory.download_pretrained_from_hf
+
+    def download_pretrained_from_hf(model_id, filename=None, revision=None, cache_dir=None):
+        try:
+            return orig_download(model_id, filename=filename, revision=revision, cache_dir=cache_dir)
+        except FileNotFoundError:
+            if filename is not None:  # a named file (the config): nothing to fall back to
+                raise
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(model_id, INDEX_NAME, revision=revision, cache_dir=cache_dir)
+            for shard in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
+                hf_hub_download(model_id, shard, revision=revision, cache_dir=cache_dir)  # same snapshot folder
+            return index
+
+    factory.download_pretrained_from_hf = download_pretrained_from_hf
     _PATCHED = True
