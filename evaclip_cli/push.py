@@ -258,7 +258,8 @@ def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: 
              "    probs = (100.0 * img @ txt.T).softmax(dim=-1)", "print(probs)", "```", "",
              "### evaclip", "", "```bash", "pip install evaclip",
              f"hf download {repo_id} --local-dir {name}            # an open_clip folder",
-             f"evaclip eval zeroshot --model {name} --dataset DATA   # zero-shot eval (CLIP_benchmark protocol)",
+             f"evaclip eval suite --model {name} --root DATASETS     # the paper's 27-dataset zero-shot suite",
+             f"evaclip eval zeroshot --model {name} --dataset IMAGENET_VAL --name imagenet1k",
              f"evaclip convert {name} {name}.pt --to eva            # the EVA-CLIP reference layout",
              "```", ""]
     if staged.run_dir is not None:

@@ -48,7 +48,8 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> lis
 def results_markdown(results: dict) -> str:
     """The Markdown tables of a suite ``results.json`` (see the brief's contract): one table per task with the
     metric columns that apply (percentages), the sample counts (and skipped samples, frames, when any), the
-    suite's aggregates and the datasets that were not evaluated."""
+    suite's aggregates (with the paper's figure when ``paper`` has one) and the datasets not evaluated
+    (``missing``: no data; ``failed``: unreadable data)."""
     if not isinstance(results, dict) or not isinstance(results.get("results", []), list):
         raise ValueError("not a suite results dict: expected {'results': [...], ...}")
     entries = [r for r in results.get("results", []) if isinstance(r, dict)]
@@ -87,12 +88,20 @@ def results_markdown(results: dict) -> str:
             rows.append(row)
         lines += [f"**{title}**", "", *_table(header, rows), ""]
     aggregates = results.get("aggregates") or {}
+    paper = results.get("paper") or {}
     if aggregates:
-        lines += ["**Aggregates**", "", *_table(["aggregate", "value"],
-                                                [[str(k), _pct(v)] for k, v in aggregates.items()]), ""]
+        if any(k in paper for k in aggregates):  # the paper's EVA-CLIP-18B figure beside ours
+            agg = _table(["aggregate", "value", "EVA-CLIP-18B (paper)"],
+                         [[str(k), _pct(v), _pct(paper.get(k))] for k, v in aggregates.items()])
+        else:
+            agg = _table(["aggregate", "value"], [[str(k), _pct(v)] for k, v in aggregates.items()])
+        lines += ["**Aggregates**", "", *agg, ""]
     missing = [str(m) for m in results.get("missing") or []]
     if missing:
         lines += [f"Not evaluated (data not found): {', '.join(missing)}.", ""]
+    failed = [str(m) for m in results.get("failed") or []]
+    if failed:
+        lines += [f"Failed (unreadable data, see the eval log): {', '.join(failed)}.", ""]
     if not entries and not aggregates:
         lines += ["No results.", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -161,3 +161,34 @@ def test_completions_module_is_light():
 def test_unsupported_shell(shell):
     with pytest.raises(ValueError):
         completions.script(shell)
+
+
+def _app_commands(*group: str) -> set[str]:
+    """Visible command names of the live Typer app (or of one of its groups): what completion should offer."""
+    import typer.main
+
+    from evaclip_cli.cli import app
+
+    cmd = typer.main.get_command(app)
+    for name in group:
+        cmd = cmd.commands[name]
+    return {name for name, c in cmd.commands.items() if not c.hidden}
+
+
+def test_bash_completes_issue_examples():
+    """`evaclip tr<TAB>` and `evaclip eval <TAB>` through real bash and the committed script; the expected names
+    come from the Typer app, so the test follows the commands as they land."""
+    top = _app_commands()
+    assert "train" in top
+    got = bash_complete("evaclip tr")
+    assert "train" in got and set(got) == {n for n in top if n.startswith("tr")}, got
+    evals = _app_commands("eval")
+    assert evals, "the eval group has no commands"
+    got = bash_complete("evaclip eval ")
+    assert set(got) == evals, (got, evals)
+    assert {"zeroshot", "retrieval", "suite"} & evals <= set(got)
+
+
+def test_bash_completes_push():
+    assert bash_complete("evaclip pu") == ["push"]
+    assert {"--repo", "--results", "--revision"} <= set(bash_complete("evaclip push --re"))

@@ -356,5 +356,9 @@ def test_results_markdown_tables():
                           "metrics": {"acc1": 0.1, "acc5": 0.3, "mean_top1_top5": 0.2}}]}
     assert "| k400 | 10.00 | 30.00 | 20.00 | 10 | 8 |" in results_markdown(video)
     assert "No results." in results_markdown({"results": []})
+    suite = dict(RESULTS, aggregates={"avg-27": 0.5, "mean_acc1": 0.625}, paper={"avg-27": 0.8}, failed=["voc"])
+    md = results_markdown(suite)
+    assert "| aggregate | value | EVA-CLIP-18B (paper) |" in md and "| avg-27 | 50.00 | 80.00 |" in md
+    assert f"| mean_acc1 | 62.50 | {chr(8211)} |" in md and "voc" in md.split("Failed")[1]
     with pytest.raises(ValueError):
         results_markdown({"results": "nope"})
