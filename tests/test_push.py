@@ -244,6 +244,41 @@ def test_run_folder_card_has_training_summary(tiny_folder, tmp_path):
         (run / "final" / "open_clip_model.safetensors").read_bytes()
 
 
+def test_interrupted_run_converted_from_deepspeed_checkpoint(hub, tmp_path):
+    """A run folder with checkpoints/ but no final/ (stopped early): consolidated on the way, the run's recipe and
+    metrics in the card, the engine's exact weights on the Hub."""
+    import shutil
+    import socket
+
+    import torch
+    from safetensors.torch import load as load_bytes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ds"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
+                        str(Path(__file__).parent / "ds_tiny_checkpoint.py"), str(out), "--stage", "0"],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    shutil.copytree(out / "ckpt", run / "checkpoints")
+    shutil.copy(out / "evaclip_recipe.toml", run / "evaclip_recipe.toml")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 2.04, "samples": 128}) + "\n")
+    res = run_push([run, "--repo", "tester/tiny-run"], hub, tmp_path)
+    assert res.returncode == 0, res.stderr
+    files = hub.files("tester/tiny-run")
+    card = files["README.md"].decode()
+    assert "## Training" in card and "| steps | 2 |" in card and "| final loss | 2.0400 |" in card
+    state = load_bytes(files["open_clip_model.safetensors"])
+    expected = torch.load(out / "expected.pt")
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(state[k].reshape(v.shape), v.float()), k
+
+
 def test_existing_readme_kept_unless_overwrite_card(tiny_folder, hub, tmp_path):
     hub.create("tester/kept", files={"README.md": b"# my own card\n"})
     res = run_push([tiny_folder, "--repo", "tester/kept"], hub, tmp_path)
@@ -259,8 +294,9 @@ def test_existing_readme_kept_unless_overwrite_card(tiny_folder, hub, tmp_path):
 
 
 def test_revision_branch_and_pull_request(tiny_folder, hub, tmp_path):
-    res = run_push([tiny_folder, "--repo", "tester/rev", "--revision", "dev"], hub, tmp_path)
+    res = run_push([tiny_folder, "--repo", "tester/rev", "--revision", "dev", "--private"], hub, tmp_path)
     assert res.returncode == 0, res.stderr
+    assert hub.repos["tester/rev"].private
     assert "open_clip_model.safetensors" in hub.files("tester/rev", "dev")
     assert set(hub.files("tester/rev", "main")) == {".gitattributes"}  # main untouched
     res = run_push([tiny_folder, "--repo", "tester/rev", "--create-pr"], hub, tmp_path)
