@@ -418,8 +418,8 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
         print(f"evaclip: {msg}", file=sys.stderr)
 
     _check_repo_id(repo_id)
-    if create_pr and revision == "":
-        raise UserError("--revision is empty")
+    if revision is not None and not revision.strip():
+        raise UserError("--revision is empty; name a branch (or leave it out for main)")
     if max_shard_size is not None:
         parse_size(max_shard_size)
     results_data = load_results(results) if results else None
@@ -442,7 +442,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
         if out.exists() and not force:
             raise UserError(f"{out} exists; pass --force to replace it (or --out DIR)")
     scrub = _Scrub(token)
-    work = Path(tempfile.mkdtemp(prefix="evaclip-push-"))
+    work = Path(tempfile.mkdtemp(prefix="evaclip-push-"))  # conversions land here: TMPDIR picks the disk
     try:
         staged = stage(Path(src), work, max_shard_size=max_shard_size, dtype=dtype, eva_config=eva_config,
                        model=model, recipe=recipe)
@@ -459,7 +459,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
                  f"written to {out}:")
             for name, size, sha in listing:
                 echo(f"  {name:<48} {_human(size):>11}  sha256 {sha}")
-            echo(f"upload it with: evaclip push {out} --repo {repo_id}" + (" --card " + str(out / "README.md")))
+            echo(f"upload it with: evaclip push {out} --repo {repo_id} --card {out / 'README.md'}")
             return {"dry_run": True, "out": str(out), "files": {n: {"size": s, "sha256": h} for n, s, h in listing}}
         return _upload(repo_id, files, token=token, private=private, revision=revision, create_pr=create_pr,
                        commit_message=commit_message or f"Upload {repo_id.split('/', 1)[1]} with evaclip {__version__}",
