@@ -196,6 +196,10 @@ VIDEO_TEMPLATES = [
     "a {color} {shape} {motion} on a {bg} background.", "a clip of a {shape} in {color}, {motion}.",
     "a {shape} {motion}.", "something {color} {motion}.",
 ]
+# captions that name only the motion: colour and shape cannot explain these pairs, so the clip embedding has to
+# carry the motion
+MOTION_ONLY = ["a video of something {motion}.", "a shape {motion}.", "an object {motion}.", "something {motion}.",
+               "a clip of a shape {motion}."]
 ZS_VIDEO_TEMPLATES = {
     "motion": ["a video of a shape {c}.", "a shape {c}.", "something {c}.", "a clip of an object {c}."],
     "colors": ["a video of something {c}.", "a {c} shape.", "something {c}.", "a {c} object."],
@@ -283,7 +287,7 @@ def render_video(rng: random.Random, size: int, frames: int = VIDEO_FRAMES, moti
             else:
                 dd.polygon(_polygon(shape, x, y, r, rot), fill=fg)
         jpegs.append(_jpeg(img))
-    template = rng.choice(VIDEO_TEMPLATES)
+    template = rng.choice(MOTION_ONLY if rng.random() < 0.5 else VIDEO_TEMPLATES)
     if color == "orange":
         template = template.replace("a {color}", "an {color}")
     caption = template.format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
