@@ -422,6 +422,41 @@ def eval_retrieval(
                       fast_decode=fast_decode, output=output)
 
 
+def _complete_suite(incomplete: str):
+    from .evaluate import suite_names
+
+    return [n for n in suite_names() if n.startswith(incomplete)]
+
+
+@eval_app.command("suite")
+def eval_suite(
+    model: str = EVAL_MODEL,
+    suite: List[str] = typer.Option(["eva-clip-27"], "--suite", "-s", help="Shipped suite (eva-clip-27, "
+                                    "eva-clip-video, eva-clip-retrieval) or a suite .toml; repeat for several.",
+                                    autocompletion=_complete_suite),
+    root: Path = typer.Option(..., "--root", help="Folder holding one folder per dataset (CLIP_benchmark wds_* "
+                              "exports, ImageFolders, video folders, caption JSON)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where results.json, results.md and results.png go "
+                                       "(default: eval/<model name>)."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Video sets: frames per clip (default: the "
+                                         "paper's single middle frame)."),
+    pretrained: Optional[str] = EVAL_PRETRAINED, eva_config: Optional[str] = EVAL_EVA_CONFIG,
+    arch: Optional[str] = EVAL_ARCH, batch_size: int = EVAL_BATCH, workers: Optional[int] = EVAL_WORKERS,
+    precision: Precision = EVAL_PRECISION, fast_decode: bool = EVAL_FAST,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the text classifiers."),
+    nproc: int = EVAL_NPROC,
+):
+    """Every dataset of a benchmark suite found under --root: per-dataset numbers, the paper's aggregates
+    (27-avg, video avg, retrieval mean recall), results.json + a Markdown table (for `push`) + a PNG chart."""
+    _eval_launch(nproc)
+    from .evaluate import run_suite
+
+    with _eval_group():
+        run_suite(model, suite, root, out, pretrained=pretrained, eva_config=eva_config, arch=arch,
+                  batch_size=batch_size, workers=workers, precision=precision.value, cache=not no_cache,
+                  fast_decode=fast_decode, frames=frames)
+
+
 # ---------------------------------------------------------------------------- commands wired from their modules
 from .cli_video import register as _register_video  # noqa: E402  (finetune-video, eval video)
 from .cli_push import register as _register_push  # noqa: E402  (push)

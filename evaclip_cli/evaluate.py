@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+from .errors import UserError
+
 
 def zeroshot_classifier(encode_text: Callable, tokenizer: Callable, classnames: Sequence[str],
                         templates: Sequence[str], device, batch_size: int = 256):
@@ -436,7 +438,8 @@ def print_results(rows: list, title: str) -> None:
     table = Table(title=title)
     table.add_column("dataset")
     for c in cols:
-        table.add_column(c.replace("_retrieval_recall", " R").replace("mean_per_class_recall", "mean/class"),
+        table.add_column(c.replace("image_retrieval_recall", "t→i R").replace("text_retrieval_recall", "i→t R")
+                         .replace("mean_per_class_recall", "mean/class").replace("mean_top1_top5", "mean(1,5)"),
                          justify="right")
     table.add_column("samples", justify="right")
     table.add_column("skipped", justify="right")
@@ -478,13 +481,13 @@ def _model_and_dist(model, pretrained, eva_config, arch):
     return loaded, rank, world, device
 
 
-def run_zeroshot(model: str, dataset: str, *, name=None, pretrained=None, eva_config=None, arch=None,
+def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=None, eva_config=None, arch=None,
                  classnames=None, templates=None, split="test", class_key="cls", batch_size=256, workers=None,
                  precision="auto", cache=True, fast_decode=False, output=None, quiet=False, loaded=None) -> dict:
     from .data.benchmarks import classification_set
 
     evalset = classification_set(dataset, split=split, class_key=class_key)
-    names, tpls = resolve_prompts(evalset, name, classnames, templates)
+    names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
     if loaded is None:
         loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
     else:
@@ -543,3 +546,160 @@ def _finish(out: dict, output, quiet: bool, rank: int, title: str) -> None:
             from rich.console import Console
 
             Console(stderr=True).print(f"[yellow]{out['skipped']} unreadable or incomplete sample(s) skipped[/yellow]")
+
+
+# --------------------------------------------------------------------------------------------------------- suites
+SUITE_DIR = "eval_files/suites"
+VIDEO_EVAL = None  # set by evaclip_cli.video when it provides the suite's video task
+
+
+def suite_names() -> list:
+    from pathlib import Path
+
+    return sorted(p.stem for p in (Path(__file__).parent / SUITE_DIR).glob("*.toml"))
+
+
+def load_suite(name_or_path: str) -> dict:
+    """A suite file: ``name``, ``[[datasets]]`` (name, task zeroshot|retrieval|video, dirs, key, metric) and
+    ``[[aggregates]]`` (name, task: the mean of that task's datasets' metric)."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(name_or_path)
+    if not p.is_file():
+        p = Path(__file__).parent / SUITE_DIR / f"{name_or_path}.toml"
+    if not p.is_file():
+        raise UserError(f"suite '{name_or_path}' not found: give a shipped suite ({', '.join(suite_names())}) or a "
+                        ".toml file")
+    try:
+        s = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: invalid TOML ({e})") from None
+    s.setdefault("name", p.stem)
+    for i, d in enumerate(s.get("datasets", [])):
+        if "name" not in d or d.get("task") not in ("zeroshot", "retrieval", "video"):
+            raise UserError(f"{p}: datasets[{i}] needs a name and task = zeroshot | retrieval | video")
+        d.setdefault("dirs", [d["name"]])
+        d.setdefault("metric", {"zeroshot": "acc1", "retrieval": "mean_recall", "video": "acc1"}[d["task"]])
+    if not s.get("datasets"):
+        raise UserError(f"{p}: no [[datasets]]")
+    return s
+
+
+def _headline(result: dict, metric: str) -> float | None:
+    m = result["metrics"]
+    if metric == "mean_recall":
+        vals = [v for k, v in m.items() if "_retrieval_recall@" in k]
+        return sum(vals) / len(vals) if vals else None
+    return m.get(metric)
+
+
+def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, eva_config=None, arch=None,
+              batch_size=256, workers=None, precision="auto", cache=True, fast_decode=False, frames=None,
+              quiet=False) -> dict:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset root not found (--root DIR holding one folder per dataset)")
+    specs = [load_suite(s) for s in suites]
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
+    console = Console(quiet=quiet or rank != 0)
+    results, missing, failed, per_suite = [], [], [], []
+    for suite in specs:
+        rows = []
+        for d in suite["datasets"]:
+            path = next((root / c for c in d["dirs"] if (root / c).exists()), None)
+            if path is None:
+                missing.append(d["name"])
+                continue
+            try:
+                if d["task"] == "zeroshot":
+                    r = run_zeroshot(model, str(path), name=d["name"], key=d.get("key"), loaded=loaded,
+                                     batch_size=batch_size, workers=workers, precision=precision, cache=cache,
+                                     fast_decode=fast_decode, quiet=True, pretrained=pretrained)
+                elif d["task"] == "retrieval":
+                    r = run_retrieval(model, str(path), name=d["name"], loaded=loaded, batch_size=batch_size,
+                                      workers=workers, precision=precision, fast_decode=fast_decode, quiet=True)
+                else:
+                    if VIDEO_EVAL is None:
+                        import evaclip_cli.video  # noqa: F401  (registers VIDEO_EVAL)
+                    r = VIDEO_EVAL(loaded, model, str(path), name=d["name"], frames=frames, batch_size=batch_size,
+                                   workers=workers, precision=precision)
+            except UserError as e:
+                failed.append(d["name"])
+                console.print(f"[red]{d['name']}[/red]: {e}")
+                continue
+            r["headline"] = {"metric": d["metric"], "value": _headline(r, d["metric"])}
+            console.print(f"{d['name']}: {d['metric']} {100 * (r['headline']['value'] or 0):.2f} "
+                          f"({r['samples']:,} samples{', ' + str(r['skipped']) + ' skipped' if r['skipped'] else ''})")
+            rows.append(r)
+        per_suite.append((suite, rows))
+        results += rows
+    aggregates, paper = {}, {}
+    for suite, rows in per_suite:
+        for a in suite.get("aggregates", []):
+            members = [d["name"] for d in suite["datasets"] if d["task"] == a.get("task", d["task"])]
+            vals = [r["headline"]["value"] for r in rows if r["dataset"] in members and r["headline"]["value"] is not None]
+            if vals:
+                label = a["name"] if len(vals) == len(members) else f"{a['name']} ({len(vals)} of {len(members)})"
+                aggregates[label] = sum(vals) / len(vals)
+                if "paper" in a:
+                    paper[label] = a["paper"]
+    out = {"model": str(model), "suite": "+".join(s["name"] for s in specs), "results": results, "missing": missing,
+           "failed": failed, "aggregates": aggregates, "paper": paper}
+    if rank == 0:
+        out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from .report import results_markdown
+
+        _write_json(out_dir / "results.json", out)
+        md = out_dir / "results.md"
+        md.write_text(results_markdown(out))
+        png = _suite_chart(out, out_dir / "results.png")
+        for task in dict.fromkeys(r["task"] for r in results):
+            print_results([r for r in results if r["task"] == task], f"{task.replace('_', ' ')}: {out['model']}")
+        for k, v in aggregates.items():
+            ref = f" (paper, EVA-CLIP-18B: {100 * paper[k]:.1f})" if k in paper else ""
+            console.print(f"[bold]{k}[/bold]: {100 * v:.2f}{ref}")
+        if missing:
+            console.print(f"[yellow]not found under {root}[/yellow]: {', '.join(missing)}")
+        console.print(f"wrote {out_dir / 'results.json'}, {md}" + (f", {png}" if png else ""))
+    return out
+
+
+def _suite_chart(results: dict, path):
+    """A horizontal bar chart of each dataset's headline metric."""
+    rows = [r for r in results["results"] if r.get("headline", {}).get("value") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.2))
+    names = [f"{r['dataset']} ({r['headline']['metric']})" for r in rows][::-1]
+    vals = [100 * r["headline"]["value"] for r in rows][::-1]
+    ax.barh(names, vals, color="#4C72B0")
+    for y, v in enumerate(vals):
+        ax.text(v + 0.5, y, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("%")
+    ax.set_title(f"{results['suite']}: {_short(results['model'])}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+    return path
+
+
+def _short(p: str) -> str:
+    from pathlib import Path
+
+    return Path(p).name or p
