@@ -195,7 +195,7 @@ def launch_or_run(stage: str, recipe: str, overrides: list, nproc: int, nodes: i
 
 
 def _stage_argv(stage, recipe, overrides, out, resume):
-    argv = [stage, "--recipe", recipe, *(overrides or [])]
+    argv = [{"video": "finetune-video"}.get(stage, stage), "--recipe", recipe, *(overrides or [])]
     if out:
         argv += ["--out", str(out)]
     if resume:
