@@ -241,6 +241,33 @@ def cache_dir():
     return Path(os.environ.get("EVACLIP_CACHE", Path.home() / ".cache" / "evaclip")) / "classifiers"
 
 
+def text_encoder(model):
+    """``model.encode_text``, cutting each batch's padding after its longest prompt when that provably changes
+    nothing: a causal text tower (open_clip ``TextTransformer``, as every EVA-CLIP has) pooled at the EOT token with
+    no class token or pad mask: the EOT output attends only to the tokens before it. Zero-shot prompts are ~10
+    tokens of a 77-token context, so the text tower does a fraction of the work."""
+    try:
+        from open_clip.transformer import TextTransformer
+    except ImportError:
+        return model.encode_text
+    text = getattr(model, "text", None)
+    if not (isinstance(text, TextTransformer) and text.cls_emb is None and text.attn_mask is not None
+            and text.pool_type in ("argmax", "eos") and not getattr(text, "use_pad_mask", False)):
+        return model.encode_text
+    pad = getattr(text, "pad_id", 0)
+
+    def encode(tokens):
+        n = max(1, int((tokens != pad).sum(1).max()))
+        full = text.attn_mask
+        text.attn_mask = full[:n, :n]
+        try:
+            return model.encode_text(tokens[:, :n].contiguous())
+        finally:
+            text.attn_mask = full
+
+    return encode
+
+
 def cached_classifier(loaded, model_id: str, classnames, templates, device, batch_size: int, cache: bool,
                       autocast=None):
     """The [embed, classes] zero-shot classifier; cached on disk by (model weights, class names, templates)."""
@@ -260,7 +287,7 @@ def cached_classifier(loaded, model_id: str, classnames, templates, device, batc
         except Exception:
             pass
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
-        W = zeroshot_classifier(loaded.model.encode_text, loaded.tokenize, classnames, templates, device,
+        W = zeroshot_classifier(text_encoder(loaded.model), loaded.tokenize, classnames, templates, device,
                                 batch_size=batch_size)
     W = W.float()
     if cache and int(os.environ.get("RANK", "0")) == 0:
@@ -402,11 +429,11 @@ def evaluate_retrieval(loaded, evalset, device="cpu", batch_size: int = 256, wor
         for c in evalset.targets[i]:
             texts.append(c)
             owner.append(pos)
-    text_emb = []
+    text_emb, encode_text = [], text_encoder(loaded.model)
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
             with ac():
-                e = loaded.model.encode_text(loaded.tokenize(texts[s:s + batch_size]).to(device))
+                e = encode_text(loaded.tokenize(texts[s:s + batch_size]).to(device))
             text_emb.append(F.normalize(e.float(), dim=-1).cpu())
     metrics = retrieval_metrics(image_emb, torch.cat(text_emb), owner)
     return {"metrics": metrics, "samples": len(order), "captions": len(texts), "skipped": skipped}

@@ -1,0 +1,131 @@
+"""Zero-shot classification throughput of `evaclip eval zeroshot` against `clip_benchmark eval`, in one run.
+
+Same model folder (an EVA-CLIP open_clip folder; both load it with open_clip after `import evaclip_cli`), same data
+(CLIP_benchmark's wds/ layout: ImageNet-sized JPEGs + .cls shards, classnames, templates), same batch size, same
+DataLoader workers, same precision (fp32 on CPU; clip_benchmark with --no_amp), one process each, run one after the
+other, `--repeats` times. A run is timed end to end as a user sees it: process start, model load, text classifier,
+decoding, forward passes, metrics. Images/s = images / wall seconds (median over repeats).
+
+Rows: clip_benchmark; evaclip (cold: classifier computed); evaclip (classifier cached, e.g. the second dataset of a
+suite sharing ImageNet's classes, or a re-run); evaclip --fast-decode (the JPEG decoder downscales by 2/4/8 while
+decoding; numbers may move slightly, so it is opt-in). Top-1 of every run is printed next to its speed.
+
+    python bench/eval_throughput.py [--images 2000] [--arch tiny] [--size 500x375] [--classes 100] [--templates 80]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = "import sys, evaclip_cli; from clip_benchmark.cli import main; sys.exit(main())"
+
+
+def make_data(root: Path, n: int, size: tuple, classes: int, templates: int, shard: int = 500) -> None:
+    """JPEGs of ImageNet's typical size with real structure (scikit-learn's digits, upscaled, on textured colour)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    (root / "test").mkdir(parents=True)
+    n_shards = (n + shard - 1) // shard
+    for s in range(n_shards):
+        with tarfile.open(root / "test" / f"{s}.tar", "w") as tar:
+            for i in range(s * shard, min(n, (s + 1) * shard)):
+                k = i % len(d.target)
+                digit = Image.fromarray((d.images[k] * 15).astype("uint8")).resize(size, Image.BILINEAR)
+                noise = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+                arr = np.asarray(digit)[..., None].astype(np.uint16) + noise
+                buf = io.BytesIO()
+                Image.fromarray(arr.clip(0, 255).astype("uint8")).save(buf, format="JPEG", quality=90)
+                label = (int(d.target[k]) * 7 + i) % classes
+                for ext, data in (("jpg", buf.getvalue()), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text(f"{n_shards}\n")
+    (root / "classnames.txt").write_text("".join(f"class number {c}\n" for c in range(classes)))
+    words = ["photo", "picture", "drawing", "sketch", "rendering", "painting", "snapshot", "image"]
+    tpl = [f"a {random.Random(t).choice(words)} of a {{c}}, variant {t}." for t in range(templates)]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(tpl) + "\n")
+
+
+def make_model(folder: Path, arch: str) -> None:
+    import torch
+
+    import evaclip_cli  # noqa: F401
+    from evaclip_cli.convert import write_open_clip_folder
+    from evaclip_cli.models.clip import build_clip
+    from evaclip_cli.models.specs import resolve_arch
+
+    torch.manual_seed(0)
+    spec = resolve_arch(arch)
+    write_open_clip_folder(build_clip(spec).state_dict(), spec, folder, force=True)
+
+
+def timed(cmd: list, env: dict, cwd: Path, out: Path) -> tuple[float, float]:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
+    return wall, json.loads(out.read_text())["metrics"]["acc1"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--arch", default="tiny", help="evaclip arch of the (randomly initialised) model: tiny, b16, ...")
+    ap.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet's typical 500x375)")
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--templates", type=int, default=80, help="prompt templates (ImageNet uses OpenAI's 80)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    w, h = map(int, args.size.split("x"))
+    tmp = Path(tempfile.mkdtemp(prefix="evaclip-evalbench-"))
+    data, model = tmp / "wds_bench", tmp / "model"
+    print(f"data: {args.images} JPEGs {w}x{h}, {args.classes} classes x {args.templates} templates; model: {args.arch}"
+          f" (random init; speed only); batch {args.batch}, {args.workers} workers, fp32, {os.cpu_count()} CPUs")
+    make_data(data, args.images, (w, h), args.classes, args.templates)
+    make_model(model, args.arch)
+    env = {**os.environ, "EVACLIP_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
+    common = ["--batch-size", str(args.batch), "--workers", str(args.workers)]
+    evaclip = [sys.executable, "-m", "evaclip_cli.cli", "eval", "zeroshot", "-m", str(model), "-d", str(data), *common]
+    peer = [sys.executable, "-c", PEER, "eval", "--model", f"local-dir:{model}", "--pretrained", "", "--dataset",
+            "wds/bench", "--dataset_root", str(data), "--task", "zeroshot_classification", "--no_amp",
+            "--batch_size", str(args.batch), "--num_workers", str(args.workers)]
+    rows = {"clip_benchmark 1.6.2": [], "evaclip (cold)": [], "evaclip (classifier cached)": [],
+            "evaclip --fast-decode (cached)": []}
+    for rep in range(args.repeats):
+        out = tmp / "peer.json"
+        rows["clip_benchmark 1.6.2"].append(timed([*peer, "--output", str(out)], env, tmp, out))
+        for f in (tmp / "cache").rglob("*.pt"):
+            f.unlink()
+        out = tmp / "ev.json"
+        rows["evaclip (cold)"].append(timed([*evaclip, "-o", str(out)], env, tmp, out))
+        rows["evaclip (classifier cached)"].append(timed([*evaclip, "-o", str(out)], env, tmp, out))
+        rows["evaclip --fast-decode (cached)"].append(timed([*evaclip, "--fast-decode", "-o", str(out)], env, tmp, out))
+    base = args.images / statistics.median(w for w, _ in rows["clip_benchmark 1.6.2"])
+    print(f"{'':34s} {'images/s':>9s} {'ratio':>6s} {'top-1':>7s}   wall s per run")
+    for name, runs in rows.items():
+        ips = args.images / statistics.median(w for w, _ in runs)
+        print(f"{name:34s} {ips:9.1f} {ips / base:5.2f}x {100 * runs[-1][1]:6.2f}%   "
+              + ", ".join(f"{w:.1f}" for w, _ in runs))
+
+
+if __name__ == "__main__":
+    main()
