@@ -83,6 +83,8 @@ def test_corrupt_empty_unsupported_are_skipped_and_counted(env, tmp_path):
         _add(tar, "c2.mkv", b"")  # empty
         _add(tar, "c2.txt", b"empty")
         _add(tar, "c3.avi", good[1].read_bytes())  # no caption
+        _add(tar, "c4.mp4", mp4[:len(mp4) // 2])  # a real H.264 mp4 cut in half (an interrupted download)
+        _add(tar, "c4.txt", b"cut mp4")
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "a.avi").write_bytes(good[2].read_bytes())
     (tmp_path / "clips" / "notes.txt").write_text("not a video")
@@ -102,9 +104,9 @@ def test_corrupt_empty_unsupported_are_skipped_and_counted(env, tmp_path):
             item = ds._decode(raw, random.Random(0), counters)
             if item is not None:
                 shapes.append((tuple(item[0].shape), raw["__key__"]))
-    # 8 usable clips; corrupt: truncated, garbage, empty (shard), a missing file and a .txt "video" (manifest);
-    # missing part: the clip without a caption
-    assert counters == {"samples": 14, "skipped_corrupt": 5, "skipped_missing": 1, "shard_errors": 0}, counters
+    # 8 usable clips; corrupt: truncated AVI, garbage, empty, half an mp4 (shard), a missing file and a .txt
+    # "video" (manifest); missing part: the clip without a caption
+    assert counters == {"samples": 15, "skipped_corrupt": 6, "skipped_missing": 1, "shard_errors": 0}, counters
     assert len(shapes) == 8 and all(sh == (3, 3, 32, 32) for sh, _ in shapes)
     # the loader (DataLoader worker, batches of clips as one frame tensor) goes on past them
     src = [Source(shards=str(tmp_path / "v.tar"), kind="video"), Source(shards=str(tmp_path / "m.csv"),
