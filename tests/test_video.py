@@ -205,3 +205,32 @@ def test_finetune_video_resumes_exactly(env, teacher, tmp_path):
     assert sorted(resumed) == list(range(7, 13))
     assert all(resumed[k]["loss"] == full[k]["loss"] for k in resumed), \
         [(k, resumed[k]["loss"], full[k]["loss"]) for k in resumed]
+
+
+def test_kinetics_csv_and_ucf_names(env, teacher, tmp_path, capsys):
+    """A Kinetics-style annotation CSV (label, youtube_id, time_start, time_end: clips named
+    <id>_<start:06d>_<end:06d>.mp4 in <label>/); clips that vanished are counted as skipped. UCF-101 folder names
+    become prompts ("ApplyEyeMakeup" -> "apply eye makeup")."""
+    from evaclip_cli.data.video import load_video_classification
+
+    demo = Path(env["EVACLIP_DEMO_DIR"]) / "zeroshot_video" / "motion" / "test"
+    root = tmp_path / "k400"
+    rows = ["label,youtube_id,time_start,time_end,split"]
+    for label, src in (("blinking", "blinking"), ("standing still", "still")):
+        (root / label.replace(" ", "_")).mkdir(parents=True)
+        for i, p in enumerate(sorted((demo / src).glob("*.avi"))[:3]):
+            vid = f"{src[:3]}{i:08d}"
+            (root / label.replace(" ", "_") / f"{vid}_{i * 10:06d}_{i * 10 + 10:06d}.avi").write_bytes(p.read_bytes())
+            rows.append(f"{label},{vid},{i * 10},{i * 10 + 10},val")
+    rows.append("blinking,gone0000000,0,10,val")  # removed from YouTube: not downloaded
+    (root / "val.csv").write_text("\n".join(rows) + "\n")
+    ds, classes, templates = load_video_classification(root / "val.csv", 1, 64)
+    assert classes == ["blinking", "standing still"] and len(ds) == 6 and ds.missing == 1
+    res, _ = _eval(capsys, teacher, root / "val.csv", tmp_path / "k.json", "--frames", "2")
+    assert res["samples"] == 6 and res["skipped"] == 1
+    assert res["metrics"]["mean_top1_top5"] == pytest.approx((res["metrics"]["acc1"] + res["metrics"]["acc5"]) / 2)
+    ucf = tmp_path / "ucf101"
+    for name in ("ApplyEyeMakeup", "YoYo"):
+        (ucf / name).mkdir(parents=True)
+        (ucf / name / "v_1.avi").write_bytes(next(demo.glob("blinking/*.avi")).read_bytes())
+    assert load_video_classification(ucf, 1, 64)[1] == ["apply eye makeup", "yo yo"]
