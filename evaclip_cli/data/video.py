@@ -251,6 +251,62 @@ class VideoStreamDataset(StreamDataset):
 
         return {"image": torch.cat(items), "nframes": [int(t.shape[0]) for t in items]}
 
+    def __iter__(self):
+        """Several sources are mixed sample by sample: each source is a sub-stream of its own (its own unit
+        schedule and position), and sample k of the stream comes from the source drawn by weight from an RNG
+        seeded by (seed, stream, k). The position is (k, unit and offset of each sub-stream): exact resume still
+        holds. One source: the plain stream of ``data/wds.py``."""
+        if len(self.sources) == 1:
+            yield from super().__iter__()
+            return
+        import copy
+
+        import numpy as np
+        import torch
+        from torch.utils.data import get_worker_info
+
+        from .wds import COUNTERS, _seed
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = self.rank * self.workers + (worker + self.rotate) % self.workers
+        counters = dict(self.start.get("counters", {}).get(str(stream), {k: 0 for k in COUNTERS}))
+        torch.set_num_threads(1)
+        n = len(self.sources)
+        start = self.start.get(str(stream)) or [0] * (1 + 2 * n)
+        if len(start) != 1 + 2 * n:
+            raise UserError(f"the checkpoint's data position has {len(start)} fields for {n} sources "
+                            f"({1 + 2 * n} expected); resume with the recipe's data.train sources unchanged")
+        k, cur = start[0], [list(start[1 + 2 * j:3 + 2 * j]) for j in range(n)]
+        subs = []
+        for j, (shards, weight) in enumerate(self.sources):
+            child = copy.copy(self)
+            child.sources, child.all_shards = [(shards, weight)], list(shards)
+            child.seed = _seed(self.seed, "source", j)
+            child.start = {str(stream): cur[j]}
+            subs.append(child._samples(stream, counters))
+        weights = [w for _, w in self.sources]
+        items, captions = [], []
+        while True:
+            j = random.Random(_seed(self.seed, "mix", stream, k)).choices(range(n), weights=weights)[0]
+            k += 1
+            unit, upos, member, raw = next(subs[j])
+            cur[j] = [unit, upos]
+            counters["samples"] += 1
+            item = self._decode(raw, random.Random(_seed(self.seed, "aug", stream, j, unit, member)), counters)
+            if item is None:
+                continue
+            items.append(item[0])
+            captions.append(item[1])
+            if len(items) == self.micro_batch:
+                pos = [k] + [x for c in cur for x in c]
+                batch = {**self._collate(items), "stream": stream, "pos": pos, "counters": dict(counters)}
+                if self.tokenizer is not None:
+                    batch["text"] = self.tokenizer(captions, np.random.default_rng(_seed(self.seed, "text", stream,
+                                                                                         *pos)))
+                yield batch
+                items, captions = [], []
+
 
 def build_video_loader(sources, frames: int, jitter: bool, **kw):
     """``data/wds.py``'s resumable loader over image shards, video shards and CSV manifests (see the module

@@ -323,7 +323,7 @@ def build_train_loader(sources, image_size: int, micro_batch: int, workers: int,
         if int(start_state.get("workers", nworkers)) != nworkers:
             raise UserError(f"the checkpoint's data position was written with data.workers = "
                             f"{start_state.get('workers')}; resume with the same value (now {workers})")
-        start = {s: [int(p[0]), int(p[1])] for s, p in start_state["streams"].items()}
+        start = {s: [int(x) for x in p] for s, p in start_state["streams"].items()}  # (unit, offset) or longer
         start["counters"] = start_state.get("counters", {})
         rotate = int(start_state["batches"]) % nworkers
     ds = (dataset_cls or StreamDataset)(expanded, image_size, micro_batch, tokenizer, seed, rank, world_size, nworkers,
