@@ -13,13 +13,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# the weak-to-strong chain on the embedded demo data: a tiny CLIP (teacher) -> MIM distillation into a wider,
-# deeper student -> the student's CLIP; each step prints its zero-shot accuracy / loss
+# the whole lifecycle on the embedded demo data (evaclip demo): a tiny CLIP (teacher) -> MIM distillation into a
+# wider, deeper student -> the student's CLIP -> video stage -> convert -> eval suite -> push --dry-run
 demo: venv
 	rm -rf runs/demo
-	$(EVACLIP) train --recipe tiny --out runs/demo/teacher
-	$(EVACLIP) distill --recipe distill-tiny --out runs/demo/student
-	$(EVACLIP) train --recipe tiny-student --out runs/demo/clip
+	$(EVACLIP) demo --out runs/demo
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests

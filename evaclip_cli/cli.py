@@ -457,6 +457,22 @@ def eval_suite(
                   fast_decode=fast_decode, frames=frames)
 
 
+# ---------------------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder of the demo's runs and outputs."),
+    from_stage: int = typer.Option(1, "--from-stage", min=1, help="Start at this stage (1-7); earlier outputs are "
+                                   "reused."),
+):
+    """The whole lifecycle on the embedded demo data: train a teacher -> distill -> train the student's CLIP ->
+    finetune-video -> convert -> eval suite -> push --dry-run, with a summary table (about 5 min on 2 CPU cores)."""
+    from .demo import run_demo
+
+    code = run_demo(out, skip=from_stage - 1)
+    if code:
+        raise typer.Exit(code)
+
+
 # ---------------------------------------------------------------------------- commands wired from their modules
 from .cli_video import register as _register_video  # noqa: E402  (finetune-video, eval video)
 from .cli_push import register as _register_push  # noqa: E402  (push)

@@ -577,7 +577,6 @@ def _finish(out: dict, output, quiet: bool, rank: int, title: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------- suites
 SUITE_DIR = "eval_files/suites"
-VIDEO_EVAL = None  # set by evaclip_cli.video when it provides the suite's video task
 
 
 def suite_names() -> list:
@@ -587,8 +586,9 @@ def suite_names() -> list:
 
 
 def load_suite(name_or_path: str) -> dict:
-    """A suite file: ``name``, ``[[datasets]]`` (name, task zeroshot|retrieval|video, dirs, key, metric) and
-    ``[[aggregates]]`` (name, task: the mean of that task's datasets' metric)."""
+    """A suite file: ``name``, ``[[datasets]]`` (name, task zeroshot|retrieval|video, dirs, key, metric, frames)
+    and ``[[aggregates]]`` (name, and task or datasets: the mean of those datasets' metric; paper: the reported
+    figure)."""
     import tomllib
     from pathlib import Path
 
@@ -651,10 +651,11 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
                     r = run_retrieval(model, str(path), name=d["name"], loaded=loaded, batch_size=batch_size,
                                       workers=workers, precision=precision, fast_decode=fast_decode, quiet=True)
                 else:
-                    if VIDEO_EVAL is None:
-                        import evaclip_cli.video  # noqa: F401  (registers VIDEO_EVAL)
-                    r = VIDEO_EVAL(loaded, model, str(path), name=d["name"], frames=frames, batch_size=batch_size,
-                                   workers=workers, precision=precision)
+                    from .video import run_eval_video
+
+                    r = run_eval_video(model, str(path), name=d["name"], frames=frames or d.get("frames", 1),
+                                       loaded=loaded,
+                                       workers=workers, precision=precision, quiet=True)
             except UserError as e:
                 failed.append(d["name"])
                 console.print(f"[red]{d['name']}[/red]: {e}")
@@ -668,7 +669,7 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
     aggregates, paper = {}, {}
     for suite, rows in per_suite:
         for a in suite.get("aggregates", []):
-            members = [d["name"] for d in suite["datasets"] if d["task"] == a.get("task", d["task"])]
+            members = a.get("datasets") or [d["name"] for d in suite["datasets"] if d["task"] == a.get("task", d["task"])]
             vals = [r["headline"]["value"] for r in rows if r["dataset"] in members and r["headline"]["value"] is not None]
             if vals:
                 label = a["name"] if len(vals) == len(members) else f"{a['name']} ({len(vals)} of {len(members)})"
