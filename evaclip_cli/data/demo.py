@@ -6,9 +6,9 @@ size or position. Written in the layout img2dataset writes (``KEY.jpg`` + ``KEY.
 shards), plus ImageFolder zero-shot sets (shapes, colours) built from held-out seeds.
 
 Videos (for ``evaclip finetune-video``): one shape in one colour doing one of five motions over 16 frames
-(``MOTIONS``: sliding sideways, moving up and down, blinking, growing and shrinking, standing still). Sideways and
-up-and-down clips differ only in where the shape is over time, so a single frame cannot tell them apart; a mean over
-several frames can. Written as Motion-JPEG AVI files (a real container and codec that decord/FFmpeg read; the writer
+(``MOTIONS``: sliding sideways, changing colour, blinking, growing and shrinking, standing still). A single frame
+of a colour-changing clip looks like a one-colour shape standing still, and the middle frame of a blinking clip may
+show nothing; several frames tell them apart. Written as Motion-JPEG AVI files (a real container and codec that decord/FFmpeg read; the writer
 is a few lines of RIFF, so no video encoder is needed at run time): ``video_train/`` shards (``KEY.avi`` +
 ``KEY.txt`` + ``KEY.json``), ``video_val.csv`` (a ``path,caption`` manifest for retrieval) and zero-shot folders
 ``zeroshot_video/{motion,colors}/test/<class>/*.avi`` from held-out seeds.
@@ -188,7 +188,7 @@ def _write_zeroshot(root: Path, per_class: int, seed: int, size: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- videos
 MOTIONS = {  # folder name -> class name used in captions and zero-shot prompts
-    "sideways": "sliding sideways", "up_down": "moving up and down", "blinking": "blinking",
+    "sideways": "sliding sideways", "colors": "changing colour", "blinking": "blinking",
     "pulsing": "growing and shrinking", "still": "standing still",
 }
 VIDEO_TEMPLATES = [
@@ -263,14 +263,17 @@ def render_video(rng: random.Random, size: int, frames: int = VIDEO_FRAMES, moti
                                        "square": math.pi / 4}.get(shape, 0.0)
     sign, phase = rng.choice([-1, 1]), rng.random() * 2 * math.pi
     period = rng.uniform(5, 8)  # frames per blink / pulse cycle
+    palette = [fg] + [tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[o])
+                      for o in rng.sample([o for o in COLORS if o != color], 2)]
+    hold, offset = rng.randint(3, 5), rng.randrange(3)
     jpegs = []
     for t in range(frames):
         u = t / (frames - 1)
-        x, y, r, visible = cx, cy, r0, True
+        x, y, r, visible, fill = cx, cy, r0, True, fg
         if motion == "sideways":
             x = lo + (hi - lo) * (u if sign > 0 else 1 - u)
-        elif motion == "up_down":
-            y = lo + (hi - lo) * (u if sign > 0 else 1 - u)
+        elif motion == "colors":  # three colours in turn, a few frames each
+            fill = palette[(t // hold + offset) % len(palette)]
         elif motion == "blinking":
             visible = math.sin(2 * math.pi * t / period + phase) > 0
         elif motion == "pulsing":
@@ -281,13 +284,15 @@ def render_video(rng: random.Random, size: int, frames: int = VIDEO_FRAMES, moti
         if visible:
             dd = ImageDraw.Draw(img)
             if shape == "circle":
-                dd.ellipse([x - r, y - r, x + r, y + r], fill=fg)
+                dd.ellipse([x - r, y - r, x + r, y + r], fill=fill)
             elif shape == "ring":
-                dd.ellipse([x - r, y - r, x + r, y + r], outline=fg, width=max(2, int(r * 0.35)))
+                dd.ellipse([x - r, y - r, x + r, y + r], outline=fill, width=max(2, int(r * 0.35)))
             else:
-                dd.polygon(_polygon(shape, x, y, r, rot), fill=fg)
+                dd.polygon(_polygon(shape, x, y, r, rot), fill=fill)
         jpegs.append(_jpeg(img))
     template = rng.choice(MOTION_ONLY if rng.random() < 0.5 else VIDEO_TEMPLATES)
+    if motion == "colors" and "{color}" in template:  # no single colour to name
+        template = rng.choice(MOTION_ONLY + ["a {shape} {motion}.", "a {size} {shape} {motion}."])
     if color == "orange":
         template = template.replace("a {color}", "an {color}")
     caption = template.format(color=color, shape=shape, size=scale, bg="dark" if dark else "light",
@@ -324,7 +329,7 @@ def _write_videos(root: Path, n: int, per_class: int, seed: int, size: int) -> d
                 else:
                     while True:  # a colour-balanced set: draw until the colour matches
                         jpegs, _, meta = render_video(rng, size)
-                        if meta["color"] == c:
+                        if meta["color"] == c and meta["motion"] != "colors":
                             break
                 (base / "test" / c / f"{k:04d}.avi").write_bytes(mjpeg_avi(jpegs, size, size, VIDEO_FPS))
         names = [MOTIONS[c] for c in sorted(classes)] if task == "motion" else sorted(classes)
