@@ -61,6 +61,9 @@ def _size(path: Path) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+STUDENT = ["model.vision.width=128", "model.vision.depth=4", "model.vision.heads=4", "model.vision.mlp_dim=512"]
+
+
 def stages(out: Path) -> list[dict]:
     o = out
     return [
@@ -72,8 +75,9 @@ def stages(out: Path) -> list[dict]:
         {"name": "train (student CLIP)", "argv": ["train", "--recipe", "tiny-student",
                                                   f"init.vision={o / 'student' / 'final'}", "--out", o / "clip"],
          "figure": lambda: "top-1 " + _fmt_eval(_last_eval(o / "clip"))},
-        {"name": "finetune-video", "argv": ["finetune-video", "--recipe", "video-tiny",
-                                            f"init.clip={o / 'teacher'}", "--out", o / "video"],
+        # the video stage continues the chain's last CLIP: video-tiny with the student's tower sizes
+        {"name": "finetune-video", "argv": ["finetune-video", "--recipe", "video-tiny", *STUDENT,
+                                            f"init.clip={o / 'clip'}", "--out", o / "video"],
          "figure": lambda: "top-1 " + _fmt_eval(_last_eval(o / "video"))},
         {"name": "convert", "argv": ["convert", o / "video" / "checkpoints", o / "open_clip", "--force"],
          "figure": lambda: f"open_clip folder {_size(o / 'open_clip')}"},
@@ -133,13 +137,12 @@ def run_demo(out: Path, skip: int = 0) -> int:
         except Exception as e:  # a summary glitch is not a failed stage
             figure = f"({type(e).__name__})"
         rows.append((f"{i + 1}. {st['name']}", "evaclip " + shlex.join(argv), f"{secs:.0f}", figure))
-    table = Table(title=f"evaclip demo: the EVA-CLIP lifecycle on the demo data ({out})", show_lines=True)
-    table.add_column("stage")
-    table.add_column("command", overflow="fold", max_width=48)
+    table = Table(title="evaclip demo: the EVA-CLIP lifecycle on the demo data", show_lines=True)
+    table.add_column("stage", no_wrap=True)
     table.add_column("s", justify="right")
     table.add_column("result", overflow="fold")
-    for r in rows:
-        table.add_row(*r)
+    for name, _, secs, figure in rows:
+        table.add_row(name, secs, figure)
     console.print(table)
     console.print(f"total {time.perf_counter() - t_all:.0f} s; model card: {out / 'push' / 'README.md'}; "
                   f"eval table: {out / 'eval' / 'results.md'}")

@@ -92,6 +92,13 @@ def test_layouts_agree_and_two_ranks_match(bench, tmp_path):
             "--nproc", "2", "--workers", "0")
     c, d = (json.loads((tmp_path / f).read_text()) for f in ("c.json", "d.json"))
     assert c["metrics"] == pytest.approx(d["metrics"], abs=1e-9)
+    # plain webdataset shards with a class field, class names and templates given on the command line
+    shards = f"{bench['wds_cls']}/test/{{0..1}}.tar"
+    evaclip(bench, "eval", "zeroshot", "-m", bench["model"], "-d", shards, "--classnames",
+            bench["wds_cls"] / "classnames.txt", "--templates", bench["wds_cls"] / "zeroshot_classification_templates.txt",
+            "-o", tmp_path / "e.json")
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["samples"] == bench["n"] and e["metrics"] == pytest.approx(a["metrics"], abs=1e-9)
 
 
 def test_model_sources_agree(bench, tmp_path):
@@ -106,8 +113,10 @@ def test_model_sources_agree(bench, tmp_path):
     evaclip(bench, "convert", bench["model"], tmp_path / "eva.pt", "--to", "eva")
     evaclip(bench, "eval", "zeroshot", "-m", tmp_path / "eva.pt", "--arch", "tiny", "-d", bench["folder"],
             "-o", tmp_path / "c.json")
-    a, b, c = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json", "c.json"))
-    assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-6)
+    evaclip(bench, "eval", "zeroshot", "-m", "tiny", "--pretrained", tmp_path / "eva.pt", "-d", bench["folder"],
+            "-o", tmp_path / "d.json")  # a model name with local weights
+    a, b, c, d = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json", "c.json", "d.json"))
+    assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-6) and a == pytest.approx(d, abs=1e-6)
 
 
 def test_suite_results_markdown_and_chart(bench, tmp_path):
