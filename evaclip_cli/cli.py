@@ -17,8 +17,9 @@ from .errors import UserError
 
 app = typer.Typer(
     name="evaclip",
-    help="The EVA-CLIP-18B lifecycle in one tool: train on DeepSpeed, convert, estimate, recipes and data "
-    "(distill, finetune-video, eval and push build on these).",
+    help="The EVA-CLIP-18B lifecycle in one tool: weak-to-strong MIM distillation, DeepSpeed CLIP training, the video "
+    "stage, checkpoint conversion, zero-shot evaluation and publishing to the Hub. `evaclip demo` runs it all on "
+    "the embedded demo data.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

@@ -108,11 +108,11 @@ def run_demo(out: Path, skip: int = 0) -> int:
 
     console = Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     demo = demo_dir()
     plan = stages(out)
     if not 0 <= skip < len(plan):
         raise UserError(f"--from-stage must be in 1..{len(plan)}")
+    out.mkdir(parents=True, exist_ok=True)
     rows, t_all = [], time.perf_counter()
     env = {**os.environ, "EVACLIP_DEMO_DIR": str(demo)}
     for i, st in enumerate(plan):
