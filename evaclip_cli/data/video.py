@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import UserError
-from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, StreamDataset, rrc_params
+from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, StreamDataset, log, rrc_params
 
 VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")
 CSV_UNIT = 256  # manifest rows per unit (the CSV counterpart of a shard)
@@ -178,11 +178,56 @@ def read_manifest(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _csv_records(fh):
+    """Raw CSV records of a binary file handle from its position: (byte offset, text). A record ends at a line
+    end outside quotes (RFC 4180: quoted fields may hold newlines; quotes inside are doubled)."""
+    while True:
+        start, parts, quotes = fh.tell(), [], 0
+        while True:
+            line = fh.readline()
+            if not line:
+                break
+            parts.append(line)
+            quotes += line.count(b'"')
+            if quotes % 2 == 0:
+                break
+        if not parts:
+            return
+        yield start, b"".join(parts).decode("utf-8", errors="replace")
+
+
 def _csv_units(path: str) -> list[str]:
-    rows = read_manifest(Path(path))
-    if not rows:
+    """A manifest as units of ``CSV_UNIT`` rows, ``PATH#first:end@byte_offset``: one pass over the file, and a
+    worker reads only its unit's bytes (a 23M-row manifest is never held in memory)."""
+    read_manifest_header(Path(path))
+    units, row = [], 0
+    with open(path, "rb") as fh:
+        records = _csv_records(fh)
+        next(records, None)  # the header
+        for offset, text in records:
+            if not text.strip():
+                continue
+            if row % CSV_UNIT == 0:
+                units.append([row, offset])
+            row += 1
+    if not row:
         raise UserError(f"{path}: the manifest lists no video")
-    return [f"{path}#{a}:{min(a + CSV_UNIT, len(rows))}" for a in range(0, len(rows), CSV_UNIT)]
+    return [f"{path}#{a}:{min(a + CSV_UNIT, row)}@{off}" for a, off in units]
+
+
+def read_manifest_header(path: Path) -> list[str]:
+    """The column names of a ``path,caption`` manifest (errors name the file)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            fields = [f.strip().lower() for f in next(csv.reader(fh), [])]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the manifest ({e.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    if "path" not in fields or "caption" not in fields:
+        raise UserError(f"{path}: a video manifest needs a header with 'path' and 'caption' columns "
+                        f"(found: {', '.join(fields) or 'nothing'})")
+    return fields
 
 
 class VideoStreamDataset(StreamDataset):
@@ -198,7 +243,7 @@ class VideoStreamDataset(StreamDataset):
             units.append((expanded, weight))
         super().__init__(units, *args, **kw)
         self.frames, self.jitter = frames, jitter
-        self._manifests: dict[str, list] = {}
+        self._manifests: dict[str, list] = {}  # manifest -> its column names
 
     def _members(self, url: str, counters: dict) -> Iterator[dict]:
         head, _, rng_part = url.rpartition("#")
@@ -206,10 +251,31 @@ class VideoStreamDataset(StreamDataset):
             yield from super()._members(url, counters)
             return
         if head not in self._manifests:
-            self._manifests[head] = read_manifest(Path(head))
-        a, b = (int(x) for x in rng_part.split(":"))
-        for i, (path, caption) in enumerate(self._manifests[head][a:b], start=a):
-            yield {"__key__": f"{head}:{i}", "path": path, "txt": caption.encode()}
+            self._manifests[head] = read_manifest_header(Path(head))
+        fields = self._manifests[head]
+        span, _, offset = rng_part.partition("@")
+        a, b = (int(x) for x in span.split(":"))
+        folder = Path(head).parent
+        try:
+            with open(head, "rb") as fh:
+                fh.seek(int(offset))
+                i = a
+                for _, text in _csv_records(fh):
+                    if i >= b:
+                        break
+                    if not text.strip():
+                        continue
+                    values = next(csv.reader([text.rstrip("\r\n")]), [])
+                    row = {k: (values[j].strip() if j < len(values) else "") for j, k in enumerate(fields)}
+                    p = row.get("path", "")
+                    raw = {"__key__": f"{head}:{i}", "txt": row.get("caption", "").encode()}
+                    if p:
+                        raw["path"] = str(p if Path(p).is_absolute() else folder / p)
+                    yield raw
+                    i += 1
+        except (OSError, csv.Error) as e:  # the manifest changed or vanished under the run: like a bad shard
+            counters["shard_errors"] += 1
+            log.warning("manifest %s rows %d-%d: %s (rest of the unit skipped)", head, a, b, e)
 
     def _decode(self, raw: dict, rng: random.Random, counters: dict):
         ext = next((e for e in VIDEO_EXTS if e in raw), None)
