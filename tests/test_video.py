@@ -235,23 +235,22 @@ def test_kinetics_csv_and_ucf_names(env, teacher, tmp_path, capsys):
     for name in ("ApplyEyeMakeup", "YoYo"):
         (ucf / name).mkdir(parents=True)
         (ucf / name / "v_1.avi").write_bytes(next(demo.glob("blinking/*.avi")).read_bytes())
+        (ucf / name / "v_2.avi").write_bytes(next(demo.glob("still/*.avi")).read_bytes())
     assert load_video_classification(ucf, 1, 64)[1] == ["apply eye makeup", "yo yo"]
-
-
-def test_manifest_units_read_only_their_rows(tmp_path):
-    """A CSV manifest becomes units of CSV_UNIT rows that know their byte offset; read unit by unit, the rows
-    (quoted commas, doubled quotes, newlines inside captions) are exactly what the csv module reads."""
-    from evaclip_cli.data.text import make_tokenizer
-    from evaclip_cli.data.video import CSV_UNIT, VideoStreamDataset, read_manifest
-
-    rows = ["path,caption"]
-    for i in range(3 * CSV_UNIT + 17):
-        cap = (f'a "quoted" one, {i}' if i % 7 == 0 else f"two\nlines {i}" if i % 11 == 0 else f"plain {i}")
-        rows.append(f'v/{i}.avi,"{cap.replace(chr(34), chr(34) * 2)}"')
-    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    ds = VideoStreamDataset([([str(tmp_path / "m.csv")], 1.0)], 32, 4, make_tokenizer(32), 0, 0, 1, 1, False, 4,
-                            (0.9, 1.0), "bicubic", False, None, 0, frames=3, jitter=True)
-    assert len(ds.all_shards) == 4 and all("@" in u for u in ds.all_shards)
-    counters = {"samples": 0, "skipped_corrupt": 0, "skipped_missing": 0, "shard_errors": 0}
-    got = [(raw["path"], raw["txt"].decode()) for u in ds.all_shards for raw in ds._members(u, counters)]
-    assert got == read_manifest(tmp_path / "m.csv") and got[11][1] == "two\nlines 11"
+    assert len(load_video_classification(ucf, 1, 64)[0]) == 4
+    # UCF-101's split file: only the listed clips (a listed clip that is absent is counted)
+    (ucf / "ucfTrainTestlist").mkdir()
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 YoYo\n")
+    (ucf / "ucfTrainTestlist" / "testlist01.txt").write_text("ApplyEyeMakeup/v_2.avi\nYoYo/v_1.avi\nYoYo/v_9.avi\n")
+    ds, classes, _ = load_video_classification(ucf, 1, 64)
+    assert [(Path(p).parent.name, lab) for p, lab in ds.items] == [("ApplyEyeMakeup", 0), ("YoYo", 1)]
+    assert ds.missing == 1 and classes == ["apply eye makeup", "yo yo"]
+    # the Kinetics download layout: flat clips in val/, labels in annotations/val.csv
+    k = tmp_path / "kinetics400"
+    (k / "val").mkdir(parents=True)
+    (k / "annotations").mkdir()
+    for f in (root / "blinking").glob("*.avi"):
+        (k / "val" / f.name).write_bytes(f.read_bytes())
+    (k / "annotations" / "val.csv").write_text("\n".join(ln for ln in rows if "standing" not in ln) + "\n")
+    ds, classes, _ = load_video_classification(k, 1, 64)
+    assert classes == ["blinking"] and len(ds) == 3 and ds.missing == 1

@@ -416,44 +416,62 @@ class ClipDataset:
         return eval_clip_transform(frames, self.image_size), label, i
 
 
+EVAL_SPLITS = ("test", "val", "validate", "validation")
+
+
 def load_video_classification(root, frames: int, image_size: int):
     """A zero-shot video classification set: (ClipDataset, classnames, templates).
 
-    Layouts: a folder ``ROOT/<class>/*.mp4`` (or ``ROOT/test/<class>/``; UCF-101 unpacked is one) with optional
-    ``classnames.txt`` / ``templates.txt`` as in the image eval sets; or a CSV with a ``label`` column and either a
-    ``path`` column or Kinetics' ``youtube_id,time_start,time_end`` (files named
-    ``<youtube_id>_<start:06d>_<end:06d>.<ext>``, found next to the CSV, in ``<label>/`` or in ``videos/``)."""
-    from .eval_sets import DEFAULT_TEMPLATES
+    Layouts (class names and templates from ``classnames.txt`` / ``templates.txt`` next to the set when present):
+
+    * a folder ``ROOT/<class>/*.mp4``, or ``ROOT/<split>/<class>/`` with split ``test``/``val`` — UCF-101 unpacked
+      is one; with ``ucfTrainTestlist/testlist01.txt`` (UCF-101's split 1) only the listed clips are used;
+    * a CSV with a ``label`` column and either a ``path`` column or Kinetics' ``youtube_id,time_start,time_end``
+      (clips named ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` anywhere under the CSV's folder or the set's
+      folder), given directly or found as ``ROOT/annotations/<split>.csv`` / ``ROOT/<split>.csv`` — the layout of
+      the Kinetics downloads (``k400/val/*.mp4`` + ``k400/annotations/val.csv``). Listed clips that are not on disk
+      (Kinetics videos vanish from YouTube) are counted as skipped."""
 
     root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: video eval set not found (a folder of <class>/*.mp4 or a CSV)")
-    base_dir = root.parent if root.is_file() else root
-    missing = 0
-    if root.is_file():
-        items, classnames, missing = _csv_classification(root)
+    missing, is_csv = 0, root.is_file()
+    meta_dir = root.parent if is_csv else root
+    if is_csv:
+        items, classnames, missing = _csv_classification(root, [root.parent, root.parent.parent])
     else:
-        base = root / "test" if (root / "test").is_dir() else root
+        base = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), root)
+        testlist = next((f for f in (root / "ucfTrainTestlist" / "testlist01.txt", root / "testlist01.txt")
+                         if f.is_file()), None)
         class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
-        if not class_dirs:
-            raise UserError(f"{base}: no class folders (expected {base}/<class>/*.mp4)")
-        items = []
-        for label, d in enumerate(class_dirs):
-            files = sorted(p for p in d.iterdir() if p.suffix.lower().lstrip(".") in VIDEO_EXTS)
-            if not files:
-                raise UserError(f"{d}: no videos ({', '.join('.' + e for e in VIDEO_EXTS)})")
-            items += [(str(p), label) for p in files]
-        classnames = [_class_name(d.name) for d in class_dirs]
-    names_file = base_dir / "classnames.txt"
+        with_videos = [d for d in class_dirs if any(p.suffix.lower().lstrip(".") in VIDEO_EXTS for p in d.iterdir())]
+        if testlist is not None:
+            items, classnames, missing = _ucf_testlist(root, testlist)
+        elif with_videos:
+            items = []
+            for label, d in enumerate(class_dirs):
+                files = sorted(p for p in d.iterdir() if p.suffix.lower().lstrip(".") in VIDEO_EXTS)
+                if not files:
+                    raise UserError(f"{d}: no videos ({', '.join('.' + e for e in VIDEO_EXTS)})")
+                items += [(str(p), label) for p in files]
+            classnames = [_class_name(d.name) for d in class_dirs]
+        else:
+            csvs = [root / "annotations" / f"{s}.csv" for s in EVAL_SPLITS] + [root / f"{s}.csv" for s in EVAL_SPLITS]
+            found = next((c for c in csvs if c.is_file()), None)
+            if found is None:
+                raise UserError(f"{base}: no class folders with videos (expected {base}/<class>/*.mp4) and no "
+                                f"annotation CSV ({root}/annotations/val.csv)")
+            items, classnames, missing = _csv_classification(found, [base, root])
+    names_file = meta_dir / "classnames.txt"
     if names_file.is_file():
         names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
         if len(names) != len(classnames):
             raise UserError(f"{names_file}: {len(names)} class names for {len(classnames)} classes; one name per "
                             "class, in sorted order")
         classnames = names
-    tpl_file = base_dir / "templates.txt"
+    tpl_file = meta_dir / "templates.txt"
     templates = [ln.strip() for ln in tpl_file.read_text().splitlines() if ln.strip()] if tpl_file.is_file() \
-        else ["a video of a person {c}."] if root.is_file() else list(DEFAULT_TEMPLATES)
+        else list(DEFAULT_VIDEO_TEMPLATES)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise UserError(f"{tpl_file}: template without the {{c}} placeholder: {bad[0]!r}")
@@ -462,7 +480,45 @@ def load_video_classification(root, frames: int, image_size: int):
     return ds, classnames, templates
 
 
-def _csv_classification(path: Path):
+# prompts for action videos without a templates.txt (CLIP's Kinetics/UCF prompts are of this kind)
+DEFAULT_VIDEO_TEMPLATES = ["a video of a person {c}.", "a photo of a person {c}.", "a video of {c}.",
+                           "a person {c}.", "a photo of {c}."]
+
+
+def _video_index(folders) -> dict[str, Path]:
+    """File stem -> video path, for every video under the folders (the first found wins)."""
+    index: dict[str, Path] = {}
+    for d in folders:
+        if d.is_dir():
+            for p in sorted(d.rglob("*")):
+                if p.suffix.lower().lstrip(".") in VIDEO_EXTS:
+                    index.setdefault(p.stem, p)
+    return index
+
+
+def _ucf_testlist(root: Path, testlist: Path):
+    """UCF-101's split file (``Class/v_Class_g01_c01.avi`` per line); classes from ``classInd.txt`` when present."""
+    lines = [ln.strip().split()[0] for ln in testlist.read_text().splitlines() if ln.strip()]
+    ind = testlist.parent / "classInd.txt"
+    if ind.is_file():
+        classes = [ln.split()[1] for ln in ind.read_text().splitlines() if len(ln.split()) == 2]
+    else:
+        classes = sorted({ln.split("/")[0] for ln in lines})
+    index = {c: i for i, c in enumerate(classes)}
+    items, missing = [], 0
+    for ln in lines:
+        cls = ln.split("/")[0]
+        path = next((b / ln for b in (root, root / "UCF-101", root / "UCF101") if (b / ln).is_file()), None)
+        if path is None or cls not in index:
+            missing += 1
+            continue
+        items.append((str(path), index[cls]))
+    if not items:
+        raise UserError(f"{testlist}: none of the {len(lines)} listed clips was found under {root}")
+    return items, [_class_name(c) for c in classes], missing
+
+
+def _csv_classification(path: Path, search: list):
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
@@ -476,21 +532,17 @@ def _csv_classification(path: Path):
         raise UserError(f"{path}: no 'path' column and no Kinetics columns (youtube_id, time_start, time_end)")
     labels = sorted({r["label"] for r in rows})
     index = {c: i for i, c in enumerate(labels)}
+    files = _video_index(search) if kinetics else {}
     items, missing = [], 0
     for r in rows:
         if kinetics:
-            stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
-            found = None
-            for d in (path.parent, path.parent / r["label"], path.parent / r["label"].replace(" ", "_"),
-                      path.parent / "videos"):
-                for ext in VIDEO_EXTS:
-                    if (d / f"{stem}.{ext}").is_file():
-                        found = d / f"{stem}.{ext}"
-                        break
-                if found:
-                    break
+            try:
+                stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+            except ValueError:
+                raise UserError(f"{path}: time_start/time_end must be numbers (row {r})") from None
+            found = files.get(stem) or files.get(r["youtube_id"])
             if found is None:
-                missing += 1  # Kinetics clips vanish from YouTube: missing ones are reported, not fatal
+                missing += 1  # Kinetics clips vanish from YouTube: missing ones are counted, not fatal
                 continue
             items.append((str(found), index[r["label"]]))
         else:
