@@ -21,10 +21,20 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+def _argv() -> list:
+    """This command line (for a torchrun relaunch), also under ``python -m evaclip_cli.cli``, where the module that
+    parsed it is ``__main__`` and not ``evaclip_cli.cli``."""
+    import sys
+
+    from . import cli
+
+    return list(getattr(sys.modules.get("__main__"), "_ARGV", None) or cli._ARGV or sys.argv[1:])
+
+
 def register(app, eval_app) -> None:
     """Add this module's commands to the `evaclip` app (and its `eval` group)."""
-    from .cli import (DRY_RUN, HOSTFILE, LAUNCHER, MASTER_ADDR, MASTER_PORT, NODE_RANK, NODES, NPROC, OUT,
-                      OVERRIDES_HELP, RESUME, Launcher, _complete_recipe)
+    from .cli import (DRY_RUN, EVAL_NPROC, HOSTFILE, LAUNCHER, MASTER_ADDR, MASTER_PORT, NODE_RANK, NODES, NPROC,
+                      OUT, OVERRIDES_HELP, RESUME, Launcher, _complete_recipe, _eval_group)
 
     @app.command("finetune-video")
     def finetune_video(
@@ -87,13 +97,19 @@ def register(app, eval_app) -> None:
                                             "CPU."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics JSON here."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress."),
+        nproc: int = EVAL_NPROC,
     ):
         """Zero-shot video classification (top-1, top-5, mean per-class recall, mean of top-1/top-5 as Kinetics
         reports it) or video-text retrieval (R@1/5/10), frames decoded with decord. Unreadable clips are skipped
-        and counted. Run under torchrun for data parallelism."""
+        and counted. --nproc N: data-parallel over N processes (torchrun), as the other eval commands."""
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch on nproc processes, as the other evals
+            from .engine import launch
+
+            raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, _argv())))
         from .video import run_eval_video
 
-        run_eval_video(model, str(dataset), name=name, task=task.value, frames=frames, pretrained=pretrained,
-                       eva_config=eva_config, arch=arch, classnames=classnames, templates=templates,
-                       batch_size=batch_size, workers=workers, precision=precision.value, output=output,
-                       quiet=quiet)
+        with _eval_group():
+            run_eval_video(model, str(dataset), name=name, task=task.value, frames=frames, pretrained=pretrained,
+                           eva_config=eva_config, arch=arch, classnames=classnames, templates=templates,
+                           batch_size=batch_size, workers=workers, precision=precision.value, output=output,
+                           quiet=quiet)

@@ -274,8 +274,6 @@ def run_eval_video(model: str, dataset: str, *, name: Optional[str] = None, task
                    quiet: bool = False, loaded=None) -> dict:
     """``evaclip eval video``: zero-shot classification of a folder/CSV set or retrieval on a manifest; returns
     the metrics JSON (CLIP_benchmark's layout, see the brief) and writes it to ``output``."""
-    import torch
-
     from .evaluate import _autocast, _finish, _model_and_dist, _precision, _setup_dist, default_workers
 
     path = Path(dataset)
@@ -294,7 +292,6 @@ def run_eval_video(model: str, dataset: str, *, name: Optional[str] = None, task
     ac = _autocast(device, precision)
     workers = default_workers() if workers is None else workers
     label = name or (path.stem if path.is_file() else path.name)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if task == "retrieval":
         r = _video_retrieval(loaded, path, frames, device, batch_size, workers, ac, rank, world, quiet)
         out = {"dataset": label, "model": str(model), "task": "video_retrieval", "metrics": r["metrics"],

@@ -5,7 +5,6 @@ import io
 import json
 import random
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -180,6 +179,13 @@ def test_eval_video_counts_unreadable_clips_and_bad_input(env, teacher, tmp_path
     (root / "StandingStill" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
     res, _ = _eval(capsys, teacher, root, tmp_path / "r.json", "--frames", "2")
     assert res["samples"] == 6 and res["skipped"] == 1 and res["classes"] == 2
+    # data-parallel on 2 processes (torchrun): the same numbers, counts summed over ranks
+    r = subprocess.run([*EVACLIP, "eval", "video", "--model", str(teacher), "--dataset", str(root), "--frames", "2",
+                        "--nproc", "2", "--workers", "0", "-q", "-o", str(tmp_path / "r2.json")], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res2 = json.loads((tmp_path / "r2.json").read_text())
+    assert (res2["samples"], res2["skipped"]) == (6, 1) and res2["metrics"] == pytest.approx(res["metrics"])
     code, _, err = run_cli(["eval", "video", "--model", str(teacher), "--dataset", str(tmp_path / "nope")], capsys)
     assert code == 2 and err.startswith("evaclip: error:") and "nope" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["finetune-video", "--recipe", "tiny", "--dry-run"], capsys)
@@ -254,3 +260,22 @@ def test_kinetics_csv_and_ucf_names(env, teacher, tmp_path, capsys):
     (k / "annotations" / "val.csv").write_text("\n".join(ln for ln in rows if "standing" not in ln) + "\n")
     ds, classes, _ = load_video_classification(k, 1, 64)
     assert classes == ["blinking"] and len(ds) == 3 and ds.missing == 1
+
+
+def test_manifest_units_read_only_their_rows(tmp_path):
+    """A CSV manifest becomes units of CSV_UNIT rows that know their byte offset; read unit by unit, the rows
+    (quoted commas, doubled quotes, newlines inside captions) are exactly what the csv module reads."""
+    from evaclip_cli.data.text import make_tokenizer
+    from evaclip_cli.data.video import CSV_UNIT, VideoStreamDataset, read_manifest
+
+    rows = ["path,caption"]
+    for i in range(3 * CSV_UNIT + 17):
+        cap = (f'a "quoted" one, {i}' if i % 7 == 0 else f"two\nlines {i}" if i % 11 == 0 else f"plain {i}")
+        rows.append(f'v/{i}.avi,"{cap.replace(chr(34), chr(34) * 2)}"')
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    ds = VideoStreamDataset([([str(tmp_path / "m.csv")], 1.0)], 32, 4, make_tokenizer(32), 0, 0, 1, 1, False, 4,
+                            (0.9, 1.0), "bicubic", False, None, 0, frames=3, jitter=True)
+    assert len(ds.all_shards) == 4 and all("@" in u for u in ds.all_shards)
+    counters = {"samples": 0, "skipped_corrupt": 0, "skipped_missing": 0, "shard_errors": 0}
+    got = [(raw["path"], raw["txt"].decode()) for u in ds.all_shards for raw in ds._members(u, counters)]
+    assert got == read_manifest(tmp_path / "m.csv") and got[11][1] == "two\nlines 11"
