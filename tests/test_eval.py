@@ -179,3 +179,20 @@ def test_bad_input_one_line(bench, tmp_path, capsys):
     assert code == 2 and "dataset root not found" in err
     code, _, err = run_cli(["eval", "suite", "-m", m, "--root", tmp_path, "-s", "nosuch"], capsys)
     assert code == 2 and "suite 'nosuch' not found" in err
+
+
+def test_shipped_class_names_and_templates():
+    """A benchmark's own names/templates come with the package when the data carries none (ImageNet: 1000 names,
+    OpenAI's 80 templates); the data's own and the command line's take precedence."""
+    from evaclip_cli.data.benchmarks import EvalSet
+    from evaclip_cli.evaluate import resolve_prompts, shipped_metadata
+
+    es = EvalSet("wds_imagenet1k", "classification", [], [0, 999])
+    names, tpls = resolve_prompts(es, None)
+    assert len(names) == 1000 and names[0] == "tench" and len(tpls) == 80 and "{c}" in tpls[0]
+    names, tpls = resolve_prompts(EvalSet("x", "classification", [], [0, 1], ["a", "b"], None), "cifar10")
+    assert names == ["a", "b"] and tpls == shipped_metadata()["templates"]["cifar10"]
+    with pytest.raises(Exception, match="no class names"):
+        resolve_prompts(EvalSet("mystery", "classification", [], [0]), None)
+    with pytest.raises(Exception, match="labels go up to 5"):
+        resolve_prompts(EvalSet("x", "classification", [], [5], ["a", "b"]), None)
