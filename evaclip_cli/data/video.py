@@ -6,14 +6,16 @@ the zero-shot video eval sets.
   middle frame (``frame_indices``).
 * Training sources: webdataset shards whose samples are ``KEY.mp4|webm|avi|mkv|mov`` + ``KEY.txt``, image shards
   (``KEY.jpg`` ...), and CSV manifests (``path,caption``; paths relative to the CSV's folder), each read in units
-  of ``CSV_UNIT`` rows so they shard over ranks/workers like tar files. All of it runs through the resumable
-  stream of ``data/wds.py`` (same seeding, same exact resume), decoded in the DataLoader workers.
+  of ``CSV_UNIT`` rows (located by byte offset) so they shard over ranks/workers like tar files. All of it runs
+  through the resumable stream of ``data/wds.py`` (same seeding, same exact resume), decoded in the DataLoader
+  workers. Several sources are mixed sample by sample by weight (each source a sub-stream with its own position).
 * A batch holds the frames of all its samples in one tensor (``image``: [sum of frames, 3, S, S]) and the frame
   count of each sample (``nframes``: 1 for an image, T for a clip), so the stage encodes every frame in one
   forward and averages each clip's frame embeddings.
 * One random crop (RandomResizedCrop parameters) and one flip per clip, applied to all of its frames.
 * A corrupt, empty or unsupported video is skipped and counted (``skipped_corrupt``); a sample without a video or
-  image or caption counts as ``skipped_missing``.
+  image or caption counts as ``skipped_missing``. Files whose container is cut short (or an AVI without an index)
+  are refused before decord sees them: its FFmpeg AVI path ends the process on those instead of raising.
 """
 from __future__ import annotations
 
