@@ -190,3 +190,25 @@ def test_data_cli(tmp_path, capsys):
     assert code == 0 and json.loads(out)["samples"] == 100
     code, out, err = run_cli(["data", "inspect", str(tmp_path / "nope-{0..1}.tar")], capsys)
     assert code == 0 and "shard_errors" in out  # missing shards are counted, not a crash
+
+
+def test_inspect_video_shards(tmp_path):
+    """`evaclip data inspect` on video-text shards: clips decoded with the training decoder, a damaged one counted."""
+    import io
+    import random
+    import tarfile
+
+    from evaclip_cli.data.demo import VIDEO_FPS, mjpeg_avi, render_video
+    from evaclip_cli.data.wds import inspect_shards
+
+    jpegs, caption, _ = render_video(random.Random(0), 32)
+    good = mjpeg_avi(jpegs, 32, 32, VIDEO_FPS)
+    with tarfile.open(tmp_path / "v.tar", "w") as tar:
+        for key, data in (("a", good), ("b", good[: len(good) // 2])):  # b: cut in half
+            for ext, payload in (("avi", data), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    r = inspect_shards(str(tmp_path / "v.tar"))
+    assert r["samples"] == 2 and r["usable"] == 1 and r["corrupt"] == 1 and r["missing_part"] == 0
+    assert r["image_size"]["max"] == [32, 32]

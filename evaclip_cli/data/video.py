@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import UserError
-from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, StreamDataset, log, rrc_params
-
-VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")
+from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, VIDEO_EXTS, StreamDataset, log, rrc_params
 CSV_UNIT = 256  # manifest rows per unit (the CSV counterpart of a shard)
 
 

@@ -34,6 +34,7 @@ from ..errors import UserError
 
 log = logging.getLogger("evaclip.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")  # what the video stage reads (evaclip_cli.data.video)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 COUNTERS = ("samples", "skipped_corrupt", "skipped_missing", "shard_errors")
@@ -363,13 +364,20 @@ def inspect_shards(pattern: str, max_captions: int = 5) -> dict[str, Any]:
                 if e != "__key__":
                     exts[e] = exts.get(e, 0) + 1
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is None or "txt" not in raw:
+            vext = next((e for e in VIDEO_EXTS if e in raw), None) if ext is None else None
+            if (ext is None and vext is None) or "txt" not in raw:
                 counters["skipped_missing"] += 1
                 continue
             try:
-                with Image.open(io.BytesIO(raw[ext])) as im:
-                    im.load()
-                    sizes.append(im.size)
+                if vext is not None:  # a video sample: decodable (first frame) with the training decoder
+                    from .video import read_clip
+
+                    frame = read_clip(raw[vext], lambda n: [0])
+                    sizes.append((frame.shape[2], frame.shape[1]))
+                else:
+                    with Image.open(io.BytesIO(raw[ext])) as im:
+                        im.load()
+                        sizes.append(im.size)
                 cap = raw["txt"].decode("utf-8").strip()
             except Exception:
                 counters["skipped_corrupt"] += 1
