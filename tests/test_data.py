@@ -183,9 +183,9 @@ def test_data_cli(tmp_path, capsys):
     from conftest import run_cli
 
     code, out, err = run_cli(["data", "make-demo", tmp_path / "d", "--train", "100", "--val", "20",
-                              "--per-class", "2"], capsys)
+                              "--per-class", "2", "--videos", "8", "--video-per-class", "1"], capsys)
     assert code == 0, err
-    assert "100 train pairs" in " ".join(out.split())
+    assert "100 train pairs" in " ".join(out.split()) and "8 train clips" in " ".join(out.split())
     code, out, err = run_cli(["data", "inspect", str(tmp_path / "d" / "train" / "shard-00000.tar"), "--json"], capsys)
     assert code == 0 and json.loads(out)["samples"] == 100
     code, out, err = run_cli(["data", "inspect", str(tmp_path / "nope-{0..1}.tar")], capsys)

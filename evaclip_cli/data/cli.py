@@ -17,18 +17,28 @@ def make_demo_cmd(
     image_size: int = typer.Option(64, "--image-size", min=16, help="Image side in pixels."),
     per_class: int = typer.Option(40, "--per-class", min=1, help="Zero-shot eval images per class."),
     seed: int = typer.Option(0, "--seed", help="Seed (the data is a pure function of it)."),
+    videos: int = typer.Option(1000, "--videos", min=0, help="Training video-text clips (0: none)."),
+    video_per_class: int = typer.Option(16, "--video-per-class", min=1, help="Zero-shot eval clips per class."),
     force: bool = typer.Option(False, "--force", help="Regenerate even if the folder is current."),
 ):
-    """Write the embedded procedural demo dataset (train/val webdataset shards, zero-shot eval folders)."""
+    """Write the embedded procedural demo dataset (image-text and video-text shards, zero-shot eval folders, a video
+    retrieval manifest)."""
     from rich.console import Console
 
     from .demo import make_demo
 
     meta = make_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
-                     force=force)
+                     n_videos=videos, video_per_class=video_per_class, force=force)
     zs = ", ".join(f"{k} ({len(v['classes'])} classes)" for k, v in meta["zeroshot"].items())
-    Console().print(f"{out}: {meta['train']['samples']} train pairs in {meta['train']['shards']} shards, "
-                    f"{meta['val']['samples']} held-out pairs, zero-shot sets: {zs}")
+    line = (f"{out}: {meta['train']['samples']} train pairs in {meta['train']['shards']} shards, "
+            f"{meta['val']['samples']} held-out pairs, zero-shot sets: {zs}")
+    v = meta.get("video")
+    if v:
+        vz = ", ".join(f"{k} ({len(c['classes'])} classes)" for k, c in v.get("zeroshot", {}).items()
+                       if isinstance(c, dict) and "classes" in c)
+        line += (f"; {v.get('train', {}).get('samples', '?')} train clips, zero-shot video sets: {vz or '-'}, "
+                 f"retrieval manifest {v.get('val', {}).get('manifest', '-')}")
+    Console().print(line, soft_wrap=True)
 
 
 @data_app.command("inspect")
