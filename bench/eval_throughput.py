@@ -32,7 +32,9 @@ PEER = "import sys, evaclip_cli; from clip_benchmark.cli import main; sys.exit(m
 
 
 def make_data(root: Path, n: int, size: tuple, classes: int, templates: int, shard: int = 500) -> None:
-    """JPEGs of ImageNet's typical size with real structure (scikit-learn's digits, upscaled, on textured colour)."""
+    """JPEGs of ImageNet's typical size with real structure (scikit-learn's digits, upscaled, on textured colour).
+    At least 8 shards: clip_benchmark's webdataset pipeline refuses fewer shards than workers."""
+    shard = max(1, min(shard, -(-n // 8)))
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
