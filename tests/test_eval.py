@@ -196,3 +196,14 @@ def test_shipped_class_names_and_templates():
         resolve_prompts(EvalSet("mystery", "classification", [], [0]), None)
     with pytest.raises(Exception, match="labels go up to 5"):
         resolve_prompts(EvalSet("x", "classification", [], [5], ["a", "b"]), None)
+
+
+def test_suite_27_has_templates_for_every_set():
+    from evaclip_cli.evaluate import _metadata_key, load_suite, shipped_metadata
+
+    meta = shipped_metadata()
+    suite = load_suite("eva-clip-27")
+    assert len(suite["datasets"]) == 27
+    assert all(_metadata_key(d.get("key", d["name"])) in meta["templates"] for d in suite["datasets"])
+    named = [d["name"] for d in suite["datasets"] if _metadata_key(d.get("key", d["name"])) in meta["classnames"]]
+    assert len(named) >= 17 and "imagenet-a" in named and len(meta["classnames"]["imagenet_a"]) == 200
