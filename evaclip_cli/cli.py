@@ -364,12 +364,18 @@ def _eval_group():
             shutdown()
 
 
+def current_argv() -> list:
+    """This command line, for a relaunch; also when the parsing module is ``__main__`` (``python -m evaclip_cli.cli``)
+    and the caller imported ``evaclip_cli.cli`` as a second module."""
+    return list(getattr(sys.modules.get("__main__"), "_ARGV", None) or _ARGV or sys.argv[1:])
+
+
 def _eval_launch(nproc: int) -> bool:
     """Relaunch this command on nproc processes (torchrun); True when this process should just return."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .engine import launch
 
-        raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, list(_ARGV))))
+        raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, current_argv())))
     return False
 
 

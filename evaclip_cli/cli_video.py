@@ -14,27 +14,12 @@ class VideoTask(str, Enum):
     retrieval = "retrieval"
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-def _argv() -> list:
-    """This command line (for a torchrun relaunch), also under ``python -m evaclip_cli.cli``, where the module that
-    parsed it is ``__main__`` and not ``evaclip_cli.cli``."""
-    import sys
-
-    from . import cli
-
-    return list(getattr(sys.modules.get("__main__"), "_ARGV", None) or cli._ARGV or sys.argv[1:])
-
-
 def register(app, eval_app) -> None:
     """Add this module's commands to the `evaclip` app (and its `eval` group)."""
-    from .cli import (DRY_RUN, EVAL_NPROC, HOSTFILE, LAUNCHER, MASTER_ADDR, MASTER_PORT, NODE_RANK, NODES, NPROC,
-                      OUT, OVERRIDES_HELP, RESUME, Launcher, _complete_recipe, _eval_group)
+    from .cli import (DRY_RUN, EVAL_ARCH, EVAL_EVA_CONFIG, EVAL_MODEL, EVAL_NPROC, EVAL_OUTPUT, EVAL_PRECISION,
+                      EVAL_PRETRAINED, EVAL_WORKERS, HOSTFILE, LAUNCHER, MASTER_ADDR, MASTER_PORT, NODE_RANK, NODES,
+                      NPROC, OUT, OVERRIDES_HELP, RESUME, Launcher, Precision, _complete_recipe, _eval_group,
+                      _eval_launch)
 
     @app.command("finetune-video")
     def finetune_video(
@@ -70,9 +55,7 @@ def register(app, eval_app) -> None:
 
     @eval_app.command("video")
     def eval_video(
-        model: str = typer.Option(..., "--model", "-m", help="open_clip folder, evaclip run folder, DeepSpeed "
-                                  "checkpoint, EVA .pt (with --eva-config/--arch), or an open_clip name with "
-                                  "--pretrained."),
+        model: str = EVAL_MODEL,
         dataset: Path = typer.Option(..., "--dataset", "-d", help="ROOT/<class>/*.mp4 folder (UCF-101 layout), a "
                                      "CSV with label + path (or Kinetics' youtube_id,time_start,time_end), or a "
                                      "path,caption manifest (retrieval)."),
@@ -85,27 +68,20 @@ def register(app, eval_app) -> None:
         classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names file, one per line "
                                                   "(sorted class order)."),
         templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates file ({c})."),
-        pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Local weights for an open_clip "
-                                                 "model name."),
-        eva_config: Optional[str] = typer.Option(None, "--eva-config", help="Reference model config JSON for "
-                                                 "an EVA .pt."),
-        arch: Optional[str] = typer.Option(None, "--arch", help="Released name / evaclip arch for an EVA .pt."),
+        pretrained: Optional[str] = EVAL_PRETRAINED,
+        eva_config: Optional[str] = EVAL_EVA_CONFIG,
+        arch: Optional[str] = EVAL_ARCH,
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Clips per forward (x frames images)."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding workers (default: CPUs, "
-                                              "at most 8)."),
-        precision: Precision = typer.Option(Precision.auto, "--precision", help="auto: bf16 on GPU, fp32 on "
-                                            "CPU."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the metrics JSON here."),
+        workers: Optional[int] = EVAL_WORKERS,
+        precision: Precision = EVAL_PRECISION,
+        output: Optional[Path] = EVAL_OUTPUT,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress."),
         nproc: int = EVAL_NPROC,
     ):
         """Zero-shot video classification (top-1, top-5, mean per-class recall, mean of top-1/top-5 as Kinetics
         reports it) or video-text retrieval (R@1/5/10), frames decoded with decord. Unreadable clips are skipped
         and counted. --nproc N: data-parallel over N processes (torchrun), as the other eval commands."""
-        if nproc > 1 and "LOCAL_RANK" not in os.environ:  # relaunch on nproc processes, as the other evals
-            from .engine import launch
-
-            raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, _argv())))
+        _eval_launch(nproc)
         from .video import run_eval_video
 
         with _eval_group():

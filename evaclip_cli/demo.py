@@ -20,36 +20,27 @@ from typing import Optional
 from .errors import UserError
 
 
-def _last_eval(run: Path) -> dict:
-    """The last zero-shot figures a run logged (metrics.jsonl: keys ``<set>/acc1``)."""
-    out: dict = {}
+def _records(run: Path):
+    """The run's metrics.jsonl records (a torn line is skipped)."""
     try:
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            acc = {k: v for k, v in rec.items() if k.endswith("/acc1")}
-            if acc:
-                out = acc
+        lines = (run / "metrics.jsonl").read_text().splitlines()
     except OSError:
-        pass
-    return out
+        return
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def _last_eval(run: Path) -> dict:
+    """The last zero-shot figures a run logged (keys ``<set>/acc1``)."""
+    evals = [{k: v for k, v in rec.items() if k.endswith("/acc1")} for rec in _records(run)]
+    return next((e for e in reversed(evals) if e), {})
 
 
 def _last_loss(run: Path) -> Optional[float]:
-    loss = None
-    try:
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in rec:
-                loss = rec["loss"]
-    except OSError:
-        pass
-    return loss
+    return next((rec["loss"] for rec in reversed(list(_records(run))) if "loss" in rec), None)
 
 
 def _fmt_eval(acc: dict) -> str:

@@ -96,7 +96,6 @@ def zeroshot_on_folder(model, root, spec, device, rank: int = 0, world_size: int
     Each rank encodes a disjoint, equally long slice (padded with repeats that are not counted), so ZeRO-3 ranks run
     the same number of forwards; counts are summed over ranks."""
     import torch
-    from open_clip import get_tokenizer  # noqa: F401  (tokenizer is open_clip's)
     from open_clip.tokenizer import tokenize
 
     from .data.eval_sets import load_zeroshot_folder

@@ -109,18 +109,27 @@ class ClipStage(LoaderStage):
                             "data.train = [{ shards = \"path/{00000..00099}.tar\" }]")
         return [s for s in r.data.train if s.kind == "image"]
 
+    def add_eval_set(self, d) -> None:
+        """A recipe's [[eval.datasets]] entry this stage evaluates periodically."""
+        if d.task == "zeroshot":
+            self.eval_sets.append((d.name, Path(d.path)))
+
+    def make_loader(self, sources, **kw):
+        """The loader over ``sources`` (the video stage swaps in its clip loader)."""
+        from .data.wds import build_train_loader
+
+        return build_train_loader(sources, **kw)
+
     def build_loader(self, ctx, state):
         from .data.text import make_tokenizer
-        from .data.wds import build_train_loader
 
         r = self.recipe
         sources = self.sources(ctx)
         for d in r.eval.datasets:
-            if d.task == "zeroshot":
-                self.eval_sets.append((d.name, Path(d.path)))
+            self.add_eval_set(d)
         self.tokenizer = make_tokenizer(self.spec.text.context_length, r.tokens.text.method,
                                         r.tokens.text.length, seed=r.seed)
-        self._data = build_train_loader(
+        self._data = self.make_loader(
             sources, image_size=self.spec.vision.image_size, micro_batch=r.data.micro_batch, workers=r.data.workers,
             tokenizer=self.tokenizer, seed=r.seed, rank=ctx.info.rank, world_size=ctx.info.world_size,
             resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(r.data.aug.scale),
@@ -141,10 +150,16 @@ class ClipStage(LoaderStage):
             self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
         images = batch["image"].to(ctx.device, dtype=self._dtype, non_blocking=True)
         texts = batch["text"].to(ctx.device, non_blocking=True)
-        img, txt, scale = ctx.engine(images, texts)
+        img, txt, scale = ctx.engine(images, texts)  # the engine's forward: ZeRO hooks, precision
         scale = scale.float().clamp(max=100.0).reshape(())  # logit_scale clamped to ln(100)
-        loss = self._loss(img.float(), txt.float(), scale)
-        return loss, {"logit_scale": float(scale.detach())}
+        img, extra = self.pool(img.float(), batch)
+        loss = self._loss(img, txt.float(), scale)
+        return loss, {"logit_scale": float(scale.detach()), **extra}
+
+    def pool(self, img, batch):
+        """Image embeddings -> the embeddings paired with the captions (identity here; the video stage averages
+        each clip's frames), plus extra metrics."""
+        return img, {}
 
     # ---- eval ------------------------------------------------------------------------------------------------
     def evaluate(self, ctx, step):

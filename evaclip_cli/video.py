@@ -98,46 +98,21 @@ class VideoStage(ClipStage):
                             "and video.video_weight > 0")
         return out
 
-    def build_loader(self, ctx, state):
-        from .data.text import make_tokenizer
+    def add_eval_set(self, d) -> None:
+        if d.task == "video":
+            self.video_sets.append((d.name, Path(d.path)))
+        else:
+            super().add_eval_set(d)
+
+    def make_loader(self, sources, **kw):
         from .data.video import build_video_loader
 
-        r = self.recipe
-        sources = self.sources(ctx)
-        for d in r.eval.datasets:
-            if d.task == "zeroshot":
-                self.eval_sets.append((d.name, Path(d.path)))
-            elif d.task == "video":
-                self.video_sets.append((d.name, Path(d.path)))
-        self.tokenizer = make_tokenizer(self.spec.text.context_length, r.tokens.text.method,
-                                        r.tokens.text.length, seed=r.seed)
-        self._data = build_video_loader(
-            sources, frames=r.video.frames, jitter=r.video.jitter, image_size=self.spec.vision.image_size,
-            micro_batch=r.data.micro_batch, workers=r.data.workers, tokenizer=self.tokenizer, seed=r.seed,
-            rank=ctx.info.rank, world_size=ctx.info.world_size, resampled=r.data.resampled,
-            shuffle_buffer=r.data.shuffle_buffer, scale=tuple(r.data.aug.scale),
-            interpolation=r.data.aug.interpolation, hflip=r.data.aug.hflip, start_state=state)
-        return self._data
+        return build_video_loader(sources, frames=self.recipe.video.frames, jitter=self.recipe.video.jitter, **kw)
 
-    def loss(self, ctx, batch, step):
-        import torch
-        from open_clip.loss import ClipLoss
-
-        if not hasattr(self, "_loss"):
-            self._loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
-                                  rank=ctx.info.rank, world_size=ctx.info.world_size)
-            self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.deepspeed.precision,
-                                                                              torch.float32)
-        if self.reducer is not None:
-            self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
-        frames = batch["image"].to(ctx.device, dtype=self._dtype, non_blocking=True)
-        texts = batch["text"].to(ctx.device, non_blocking=True)
-        img, txt, scale = ctx.engine(frames, texts)  # the engine's forward: ZeRO hooks, precision
-        clips = pool_frames(img.float(), batch["nframes"])
-        scale = scale.float().clamp(max=100.0).reshape(())
-        loss = self._loss(clips, txt.float(), scale)
+    def pool(self, img, batch):
+        """Temporal mean of each clip's frame embeddings (images are 1-frame clips)."""
         n_video = sum(1 for n in batch["nframes"] if n > 1)
-        return loss, {"logit_scale": float(scale.detach()), "video_fraction": n_video / len(batch["nframes"])}
+        return pool_frames(img, batch["nframes"]), {"video_fraction": n_video / len(batch["nframes"])}
 
     def evaluate(self, ctx, step):
         out = super().evaluate(ctx, step)  # the image sets: forgetting shows here

@@ -171,7 +171,7 @@ def classification_set(root: str, split: str = "test", class_key: str = "cls") -
     if p.is_dir():
         if (p / "dataset_type.txt").is_file() and not any(p.glob("*/nshards.txt")):
             raise UserError(f"{p}: no {split}/nshards.txt (a CLIP_benchmark wds/ folder needs one per split)")
-        return _image_folder(p)
+        return image_folder_set(p)
     if ".tar" in str(root):
         from .wds import expand_shards
 
@@ -183,7 +183,7 @@ def classification_set(root: str, split: str = "test", class_key: str = "cls") -
     raise UserError(f"{root}: dataset not found (give an ImageFolder root, a CLIP_benchmark wds/ folder, or .tar shards)")
 
 
-def _image_folder(root: Path) -> EvalSet:
+def image_folder_set(root: Path) -> EvalSet:
     base = root / "test" if (root / "test").is_dir() else root
     class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
     if not class_dirs:

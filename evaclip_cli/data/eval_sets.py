@@ -7,7 +7,6 @@ from typing import Callable, Optional
 
 from ..errors import UserError
 
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
 
@@ -41,31 +40,15 @@ class FolderDataset:
 
 
 def load_zeroshot_folder(root, transform: Optional[Callable] = None):
+    """The ImageFolder listing of ``evaclip eval`` (data/benchmarks.py) as training's periodic eval reads it."""
+    from .benchmarks import image_folder_set
+
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: eval set folder not found")
-    base = root / "test" if (root / "test").is_dir() else root
-    class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
-    if not class_dirs:
-        raise UserError(f"{base}: no class folders (expected {base}/<class>/*.jpg)")
-    items = []
-    for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMG_EXTS)
-        if not files:
-            raise UserError(f"{d}: empty class folder (no images)")
-        items += [(p, label) for p in files]
-    names_file = root / "classnames.txt"
-    if names_file.is_file():
-        classnames = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
-        if len(classnames) != len(class_dirs):
-            raise UserError(f"{names_file}: {len(classnames)} class names for {len(class_dirs)} class folders in "
-                            f"{base}; one name per folder, in sorted folder order")
-    else:
-        classnames = [d.name.replace("_", " ") for d in class_dirs]
-    tpl_file = root / "templates.txt"
-    templates = [ln.strip() for ln in tpl_file.read_text().splitlines() if ln.strip()] if tpl_file.is_file() \
-        else list(DEFAULT_TEMPLATES)
+    es = image_folder_set(root)
+    templates = es.templates or list(DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
-        raise UserError(f"{tpl_file}: template without the {{c}} placeholder: {bad[0]!r}")
-    return FolderDataset(items, transform), classnames, templates
+        raise UserError(f"{root}: template without the {{c}} placeholder: {bad[0]!r}")
+    return FolderDataset(list(zip(es.items, es.targets)), transform), es.classnames, templates
