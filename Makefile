@@ -23,7 +23,7 @@ test: venv
 	$(VENV)/bin/python -m pytest -q tests
 
 completions: venv
-	$(VENV)/bin/python -m evaclip_cli.completions write completions
+	$(VENV)/bin/python -m evaclip_cli.cli.completions write completions
 
 clean:
 	rm -rf $(VENV) runs demo_data

@@ -68,7 +68,7 @@ def make_model(folder: Path, arch: str) -> None:
     import torch
 
     import evaclip_cli  # noqa: F401
-    from evaclip_cli.convert import write_open_clip_folder
+    from evaclip_cli.checkpoints.folders import write_open_clip_folder
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.models.specs import resolve_arch
 
@@ -106,7 +106,7 @@ def main() -> None:
     make_model(model, args.arch)
     env = {**os.environ, "EVACLIP_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
     common = ["--batch-size", str(args.batch), "--workers", str(args.workers)]
-    evaclip = [sys.executable, "-m", "evaclip_cli.cli", "eval", "zeroshot", "-m", str(model), "-d", str(data), *common]
+    evaclip = [sys.executable, "-m", "evaclip_cli.cli.app", "eval", "zeroshot", "-m", str(model), "-d", str(data), *common]
     peer = [sys.executable, "-c", PEER, "eval", "--model", f"local-dir:{model}", "--pretrained", "", "--dataset",
             "wds/bench", "--dataset_root", str(data), "--task", "zeroshot_classification", "--no_amp",
             "--batch_size", str(args.batch), "--num_workers", str(args.workers)]

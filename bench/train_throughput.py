@@ -52,7 +52,7 @@ def main():
     args = ap.parse_args()
 
     import evaclip_cli  # noqa: F401
-    from evaclip_cli.convert import preprocess_cfg
+    from evaclip_cli.checkpoints.folders import preprocess_cfg
     from evaclip_cli.data.demo import make_demo
     from evaclip_cli.models.specs import ARCHS, open_clip_model_cfg
 
@@ -73,7 +73,7 @@ def main():
         out = work / "evaclip"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "evaclip_cli.cli", "train", "--recipe", "tiny", "--out", str(out),
+        subprocess.run([sys.executable, "-m", "evaclip_cli.cli.app", "train", "--recipe", "tiny", "--out", str(out),
                         f"data.samples={samples}", f"data.global_batch={args.batch}",
                         f"data.micro_batch={args.batch}", f"data.workers={args.workers}", "logging.log_every=10",
                         "logging.checkpoint_every=0", "logging.tensorboard=false", "eval.every_steps=0"],

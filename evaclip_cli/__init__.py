@@ -18,12 +18,12 @@ _HOOKED = ("timm", "open_clip")
 
 def _on_import(name: str) -> None:
     if name == "timm":
-        from .models.eva import register
+        from evaclip_cli.models.eva import register
 
         register()
     elif name == "open_clip":
-        from .models.eva import register
-        from .models.openclip_compat import patch_open_clip
+        from evaclip_cli.models.eva import register
+        from evaclip_cli.models.openclip_compat import patch_open_clip
 
         register()
         patch_open_clip()

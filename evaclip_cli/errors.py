@@ -6,3 +6,9 @@ class UserError(Exception):
     """Bad input: the message says what, where and what to do. Never shown with a traceback."""
 
     exit_code = 2
+
+
+class TrainingStopped(Exception):
+    """A run that cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
+
+    exit_code = 3

@@ -62,7 +62,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UserError
+from evaclip_cli.errors import UserError
 
 GiB = 1024**3
 USABLE_FRACTION = 0.90
@@ -89,8 +89,8 @@ PEAK_LABEL = {"bf16": "bf16 dense", "fp16": "fp16 dense", "fp32": "tf32 dense"}
 @functools.lru_cache(maxsize=16)
 def _model_counts(spec_json: str) -> dict:
     """Exact counts from the CLIP built on the meta device: tower totals, matmul weights, largest block."""
-    from .models.clip import build_clip, tower_params
-    from .models.specs import ClipSpec
+    from evaclip_cli.models.clip import build_clip, tower_params
+    from evaclip_cli.models.specs import ClipSpec
 
     spec = ClipSpec.model_validate_json(spec_json)
     model = build_clip(spec, device="meta")
@@ -204,7 +204,7 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
     """The numbers behind ``evaclip estimate`` for a loaded :class:`~evaclip_cli.recipes.Recipe` (a plain dict,
     JSON-serialisable, stable keys). ``gpu``/``gpus`` default to the recipe's ``compute`` section; ``hours``
     (default ``compute.reported_hours``) gives the MFU a run of that length implies."""
-    from .models.specs import resolve_arch
+    from evaclip_cli.models.specs import resolve_arch
 
     gpu_key = gpu or recipe.compute.gpu
     if gpu_key not in GPU_TYPES:
@@ -516,7 +516,7 @@ def _render(r: dict) -> None:
 def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: Optional[int] = None,
                  hours: Optional[float] = None, mfu: float = DEFAULT_MFU, as_json: bool = False) -> dict:
     """Load the recipe, estimate, print tables (or one JSON object with ``as_json``)."""
-    from .recipes import load_recipe
+    from evaclip_cli.recipes import load_recipe
 
     r = estimate(load_recipe(recipe, overrides).recipe, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu)
     if as_json:

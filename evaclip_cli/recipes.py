@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
-from .models.specs import ClipSpec, resolve_arch
+from evaclip_cli.errors import UserError
+from evaclip_cli.models.specs import ClipSpec, resolve_arch
 
 RECIPE_DIR = Path(__file__).parent / "recipe_files"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evaclip_cli import completions
+from evaclip_cli.cli import completions
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPLETIONS = ROOT / "completions"
@@ -32,7 +32,7 @@ def test_check_reports_stale_file(tmp_path):
     completions.write(tmp_path)
     assert completions.main(["check", str(tmp_path)]) == 0
     (tmp_path / "_evaclip").write_text("# edited\n")
-    res = subprocess.run([sys.executable, "-m", "evaclip_cli.completions", "check", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "evaclip_cli.cli.completions", "check", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
@@ -151,7 +151,7 @@ def test_completion_path_is_light():
 
 
 def test_completions_module_is_light():
-    code = (f"import sys, json; import evaclip_cli.completions as c; c.scripts(); "
+    code = (f"import sys, json; import evaclip_cli.cli.completions as c; c.scripts(); "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(res.stdout) == []

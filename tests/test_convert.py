@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 import evaclip_cli  # noqa: F401
 import open_clip
-from evaclip_cli.models.checkpoints import load_state_dict
+from evaclip_cli.checkpoints.io import load_state_dict
 
 from conftest import REFERENCE, STYLES, run_cli
 
@@ -101,7 +101,7 @@ def test_round_trips_bit_exact(style, tmp_path):
 
 def test_model_name_instead_of_json(tmp_path):
     """--model takes a released name or evaclip arch; here the tiny arch, exported to EVA layout first."""
-    from evaclip_cli.convert import write_eva_file
+    from evaclip_cli.checkpoints.folders import write_eva_file
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.models.specs import ARCHS
 
@@ -220,7 +220,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", flaky)
     d = REFERENCE / "b16"
     with pytest.raises(OSError):
-        from evaclip_cli.convert import run_convert
+        from evaclip_cli.checkpoints.convert import run_convert
 
         run_convert(d / "model.pt", tmp_path / "oc", eva_config=d / "config.json", max_shard_size="200KB", quiet=True)
     assert list(tmp_path.iterdir()) == []

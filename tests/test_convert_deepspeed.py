@@ -1,7 +1,7 @@
 """evaclip convert --from deepspeed: real DeepSpeed checkpoints (ZeRO 0-3, 1-2 ranks, zero.Init) of the tiny CLIP
 become open_clip folders with the engine's exact fp32 weights.
 
-Each checkpoint comes from its own torchrun launch of tests/ds_tiny_checkpoint.py (2 optimizer steps on CPU), since
+Each checkpoint comes from its own torchrun launch of tests/helpers/ds_tiny_checkpoint.py (2 optimizer steps on CPU), since
 several DeepSpeed engines in one process are not independent.
 """
 import os
@@ -16,13 +16,13 @@ import torch
 
 import evaclip_cli  # noqa: F401  (teaches open_clip to load evaclip folders)
 import open_clip
-from evaclip_cli.convert import run_convert
+from evaclip_cli.checkpoints.convert import run_convert
 from evaclip_cli.errors import UserError
 
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "ds_tiny_checkpoint.py"
+SCRIPT = ROOT / "tests" / "helpers" / "ds_tiny_checkpoint.py"
 TAG = "global_step2"
 
 # (ZeRO stage, ranks, zero.Init)
@@ -148,7 +148,7 @@ def test_stage0_bf16_exports_fp32_masters(tmp_path):
                         "data.demo=true"], cwd=ROOT, env={**env, "EVACLIP_DEMO_DIR": str(tmp_path / "demo")},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    from evaclip_cli.models.checkpoints import load_state_dict
+    from evaclip_cli.checkpoints.io import load_state_dict
 
     final = load_state_dict(out / "final" / "open_clip_model.safetensors")
     w = final["visual.trunk.blocks.0.attn.qkv.weight"]

@@ -6,7 +6,7 @@ from conftest import run_cli
 
 
 def test_stage_commands_resolve(tmp_path, capsys):
-    from evaclip_cli.demo import stages
+    from evaclip_cli.lifecycle import stages
 
     plan = stages(tmp_path / "runs")
     assert [s["name"] for s in plan] == ["train (teacher)", "distill", "train (student CLIP)", "finetune-video",

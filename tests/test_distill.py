@@ -14,7 +14,7 @@ STUDENT = ["model.vision.width=128", "model.vision.depth=4", "model.vision.heads
 
 
 def test_block_mask_ratio_and_blocks():
-    from evaclip_cli.distill import block_mask
+    from evaclip_cli.stages.distill import block_mask
 
     for grid, ratio in ((14, 0.4), (16, 0.4), (4, 0.4), (8, 0.5)):
         m = torch.tensor(block_mask(grid, ratio, 16, (0.3, 1 / 0.3), random.Random(grid)))
@@ -30,7 +30,7 @@ def test_block_mask_ratio_and_blocks():
 def teacher(tmp_path_factory):
     """A tiny CLIP as an open_clip folder (random weights are enough for the mechanics)."""
     import evaclip_cli  # noqa: F401
-    from evaclip_cli.convert import write_open_clip_folder
+    from evaclip_cli.checkpoints.folders import write_open_clip_folder
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.models.specs import ARCHS
 
@@ -59,7 +59,7 @@ def test_distill_then_train_from_student(env, teacher, tmp_path):
     run = tmp_path / "clip"
     train(env, run, "--recipe", "tiny", *STUDENT, "data.samples=64", "optimizer.lr=0", "eval.every_steps=0",
           f"init.vision={out / 'student_mim.pt'}")
-    from evaclip_cli.models.checkpoints import load_state_dict
+    from evaclip_cli.checkpoints.io import load_state_dict
 
     got = load_state_dict(run / "final" / "open_clip_model.safetensors")
     tower = load_state_dict(out / "final" / "model.safetensors")

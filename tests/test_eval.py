@@ -18,7 +18,7 @@ TOL = 0.001  # 0.1 point
 def bench(tmp_path_factory):
     """A tiny CLIP trained on the digits (so its predictions are not degenerate) and held-out digits in the
     CLIP_benchmark wds/ layouts, an ImageFolder and a Karpathy caption JSON."""
-    from realdata import write_digits, write_digits_benchmark
+    from helpers.realdata import write_digits, write_digits_benchmark
 
     root = tmp_path_factory.mktemp("eval")
     d = write_digits(root / "train")
@@ -185,7 +185,7 @@ def test_shipped_class_names_and_templates():
     """A benchmark's own names/templates come with the package when the data carries none (ImageNet: 1000 names,
     OpenAI's 80 templates); the data's own and the command line's take precedence."""
     from evaclip_cli.data.benchmarks import EvalSet
-    from evaclip_cli.evaluate import resolve_prompts, shipped_metadata
+    from evaclip_cli.eval.core import resolve_prompts, shipped_metadata
 
     es = EvalSet("wds_imagenet1k", "classification", [], [0, 999])
     names, tpls = resolve_prompts(es, None)
@@ -199,7 +199,7 @@ def test_shipped_class_names_and_templates():
 
 
 def test_suite_27_has_templates_for_every_set():
-    from evaclip_cli.evaluate import _metadata_key, load_suite, shipped_metadata
+    from evaclip_cli.eval.core import _metadata_key, load_suite, shipped_metadata
 
     meta = shipped_metadata()
     suite = load_suite("eva-clip-27")

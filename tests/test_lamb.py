@@ -180,7 +180,7 @@ def _port():
 def run_worker(tmp_path, stage, *flags):
     out = tmp_path / "res.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(ROOT / "tests" / "lamb_worker.py"), str(stage), str(out), *flags]
+           str(ROOT / "tests" / "helpers" / "lamb_worker.py"), str(stage), str(out), *flags]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

@@ -1,4 +1,4 @@
-"""evaclip push: against a real HTTP server on loopback that speaks the Hub's API (tests/hub_server.py), with
+"""evaclip push: against a real HTTP server on loopback that speaks the Hub's API (tests/helpers/hub_server.py), with
 huggingface_hub pointed at it (HF_ENDPOINT, HF_HUB_DISABLE_XET=1), the way a user runs it: `evaclip push` in a
 subprocess. The uploaded bytes equal the local files, one commit, open_clip loads the repo back."""
 import hashlib
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hub_server import HubServer
+from helpers.hub_server import HubServer
 
 BIN = Path(sys.executable).parent
 EVACLIP = str(BIN / "evaclip")
@@ -40,7 +40,7 @@ def tiny_folder(tmp_path_factory):
     """A real tiny EVA-CLIP as an open_clip folder (written by evaclip's converter)."""
     import torch
 
-    from evaclip_cli.convert import write_open_clip_folder
+    from evaclip_cli.checkpoints.folders import write_open_clip_folder
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.models.specs import ARCHS
 
@@ -158,7 +158,7 @@ def test_push_uploads_exact_bytes_in_one_commit_and_loads_back(tiny_folder, hub,
 
 def test_sharded_conversion_push_equals_dry_run_and_loads_back(tiny_folder, hub, tmp_path):
     """An EVA .pt converted on the way, sharded at a small limit; --dry-run writes exactly what is uploaded."""
-    from evaclip_cli.convert import write_eva_file
+    from evaclip_cli.checkpoints.folders import write_eva_file
     from evaclip_cli.models.specs import ARCHS
     from safetensors.torch import load_file
 
@@ -259,7 +259,7 @@ def test_interrupted_run_converted_from_deepspeed_checkpoint(hub, tmp_path):
     out = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
-                        str(Path(__file__).parent / "ds_tiny_checkpoint.py"), str(out), "--stage", "0"],
+                        str(Path(__file__).parent / "helpers" / "ds_tiny_checkpoint.py"), str(out), "--stage", "0"],
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
@@ -382,7 +382,7 @@ def test_missing_source_and_missing_token(tmp_path, tiny_folder):
 
 # ------------------------------------------------------------------------------------------------ report
 def test_results_markdown_tables():
-    from evaclip_cli.report import results_markdown
+    from evaclip_cli.eval.report import results_markdown
 
     md = results_markdown(RESULTS)
     assert "| dataset | top-1 | top-5 | mean per-class recall | samples |" in md

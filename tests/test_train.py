@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, run_cli
 
 EVACLIP = [sys.executable, "-m", "evaclip_cli.cli"]
+NAN_AT = [sys.executable, str(Path(__file__).parent / "helpers" / "nan_injection.py")]  # loss made NaN at attempts
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     assert run_cli(["convert", out / "checkpoints", conv, "--from", "deepspeed"]) == 0
     import evaclip_cli  # noqa: F401
     import open_clip
-    from evaclip_cli.models.checkpoints import load_state_dict
+    from evaclip_cli.checkpoints.io import load_state_dict
 
     a = load_state_dict(conv / "open_clip_model.safetensors")
     b = load_state_dict(out / "final" / "open_clip_model.safetensors")
@@ -99,15 +100,14 @@ def test_resume_after_kill_matches_uninterrupted(env, tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
     args = ["--recipe", "tiny", "data.samples=640", "data.global_batch=32", "data.micro_batch=32",
             "logging.log_every=5", "eval.every_steps=0"]
-    e = {**env, "EVACLIP_INJECT_NAN_AT": "3,7"}
-    r = subprocess.run([*EVACLIP, "train", "--out", str(tmp_path / "skip"), *args], env=e, cwd=ROOT,
+    r = subprocess.run([*NAN_AT, "3,7", "train", "--out", str(tmp_path / "skip"), *args], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     steps, _ = metrics(tmp_path / "skip")
     assert steps[-1]["step"] == 20 and steps[-1]["nonfinite_skipped"] == 2
-    e = {**env, "EVACLIP_INJECT_NAN_AT": ",".join(str(i) for i in range(4, 40))}
-    r = subprocess.run([*EVACLIP, "train", "--out", str(tmp_path / "stop"), *args, "logging.max_bad_steps=5"],
-                       env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    nan_at = ",".join(str(i) for i in range(4, 40))
+    r = subprocess.run([*NAN_AT, nan_at, "train", "--out", str(tmp_path / "stop"), *args, "logging.max_bad_steps=5"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("evaclip: stopped at step 4: 5 non-finite losses in a row"), r.stderr[-2000:]
@@ -116,7 +116,7 @@ def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
 
 def test_real_data_digits_zero_shot(env, tmp_path):
     """scikit-learn's handwritten digits with captions from the class names: far above chance (10%)."""
-    from realdata import write_digits
+    from helpers.realdata import write_digits
 
     d = write_digits(tmp_path / "digits")
     recipe = tmp_path / "digits.toml"
@@ -150,8 +150,9 @@ def test_clipa_low_res_then_finetune_with_masking(env, tmp_path):
 def test_init_from_mim_student_and_eva_text(env, tmp_path):
     """Vision from a MIM-layout student, text from an EVA-layout .pt; with lr 0 the weights are exactly those."""
     import evaclip_cli  # noqa: F401
-    from evaclip_cli.convert import write_eva_file
-    from evaclip_cli.models.checkpoints import load_state_dict, open_clip_to_eva
+    from evaclip_cli.checkpoints.folders import write_eva_file
+    from evaclip_cli.checkpoints.io import load_state_dict
+    from evaclip_cli.models.keymaps import open_clip_to_eva
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.recipes import load_recipe
 
@@ -182,7 +183,7 @@ def test_zero_stages_export_and_convert(env, tmp_path, stage, nproc, extra):
     out = tmp_path / "run"
     train(env, out, "--recipe", "tiny", "--nproc", str(nproc), f"deepspeed.zero_stage={stage}",
           "data.samples=256", "data.global_batch=64", "data.micro_batch=32", "eval.every_steps=0", *extra)
-    from evaclip_cli.models.checkpoints import load_state_dict
+    from evaclip_cli.checkpoints.io import load_state_dict
 
     conv = tmp_path / "converted"
     assert run_cli(["convert", out / "checkpoints" / "global_step4", conv, "--from", "deepspeed"]) == 0

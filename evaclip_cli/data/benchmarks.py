@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMG_EXTS = ("webp", "png", "jpg", "jpeg")
@@ -173,7 +173,7 @@ def classification_set(root: str, split: str = "test", class_key: str = "cls") -
             raise UserError(f"{p}: no {split}/nshards.txt (a CLIP_benchmark wds/ folder needs one per split)")
         return image_folder_set(p)
     if ".tar" in str(root):
-        from .wds import expand_shards
+        from evaclip_cli.data.wds import expand_shards
 
         shards = expand_shards(str(root))
         missing = [s for s in shards if not Path(s).is_file()]

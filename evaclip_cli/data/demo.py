@@ -26,6 +26,16 @@ import time
 from pathlib import Path
 
 VERSION = 4
+DEMO_DIR_ENV = "EVACLIP_DEMO_DIR"
+
+
+def demo_dir() -> Path:
+    """Where the training stages find (and make, on first use) the demo data: $EVACLIP_DEMO_DIR or ./demo_data."""
+    import os
+
+    return Path(os.environ.get(DEMO_DIR_ENV, "demo_data"))
+
+
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart"]
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
@@ -41,7 +41,7 @@ class FolderDataset:
 
 def load_zeroshot_folder(root, transform: Optional[Callable] = None):
     """The ImageFolder listing of ``evaclip eval`` (data/benchmarks.py) as training's periodic eval reads it."""
-    from .benchmarks import image_folder_set
+    from evaclip_cli.data.benchmarks import image_folder_set
 
     root = Path(root)
     if not root.is_dir():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 
 def make_tokenizer(context_length: int, method: str = "none", length: Optional[int] = None, seed: int = 0):

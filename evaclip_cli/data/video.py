@@ -25,8 +25,8 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from ..errors import UserError
-from .wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, VIDEO_EXTS, StreamDataset, log, rrc_params
+from evaclip_cli.errors import UserError
+from evaclip_cli.data.wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, VIDEO_EXTS, StreamDataset, log, rrc_params
 CSV_UNIT = 256  # manifest rows per unit (the CSV counterpart of a shard)
 
 
@@ -331,7 +331,7 @@ class VideoStreamDataset(StreamDataset):
         import torch
         from torch.utils.data import get_worker_info
 
-        from .wds import COUNTERS, _seed
+        from evaclip_cli.data.wds import COUNTERS, _seed
 
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -377,7 +377,7 @@ class VideoStreamDataset(StreamDataset):
 def build_video_loader(sources, frames: int, jitter: bool, **kw):
     """``data/wds.py``'s resumable loader over image shards, video shards and CSV manifests (see the module
     docstring); ``kw`` as ``build_train_loader``."""
-    from .wds import build_train_loader
+    from evaclip_cli.data.wds import build_train_loader
 
     return build_train_loader(sources, dataset_cls=VideoStreamDataset, frames=frames, jitter=jitter, **kw)
 

@@ -30,7 +30,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 log = logging.getLogger("evaclip.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -370,7 +370,7 @@ def inspect_shards(pattern: str, max_captions: int = 5) -> dict[str, Any]:
                 continue
             try:
                 if vext is not None:  # a video sample: decodable (first frame) with the training decoder
-                    from .video import read_clip
+                    from evaclip_cli.data.video import read_clip
 
                     frame = read_clip(raw[vext], lambda n: [0])
                     sizes.append((frame.shape[2], frame.shape[1]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from evaclip_cli.errors import UserError
 
 LAUNCH_FLAGS_WITH_VALUE = ("--nproc", "--nodes", "--node-rank", "--master-addr", "--master-port", "--hostfile",
                            "--launcher")
@@ -51,7 +51,7 @@ def torchrun_args(nproc: int, nodes: int, node_rank: int, master_addr: Optional[
             raise UserError("--nodes > 1 needs --master-addr (the address of node 0) and --node-rank")
         args += [f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port or 29500}"]
     else:
-        from .dist import _free_port
+        from evaclip_cli.engine.dist import _free_port
 
         args += ["--master_addr=127.0.0.1", f"--master_port={master_port or _free_port()}"]
     return [*args, "--no-python", sys.executable, *child_argv(stage_argv)]

@@ -1,15 +1,7 @@
-"""The training loop every stage shares.
+"""The training loop every stage shares: ``run(recipe, stage)``.
 
-A ``Stage`` (see ``evaclip_cli/train.py`` for the CLIP one) supplies:
-
-* ``build_model(ctx)``            the nn.Module (under ``deepspeed.zero.Init`` when ``ctx.zero_init``)
-* ``layer_id(name)``              (tower, layer id) for parameter groups; ``towers(ctx)`` their lr/wd/decay
-* ``build_loader(ctx, state)``    an iterator of batch dicts, resumable from ``state`` (``ctx.data_state``)
-* ``loss(ctx, batch, step)``      (loss tensor, {metric: float}) for one micro batch
-* ``evaluate(ctx, step)``         optional: {metric: float}, run on every rank
-* ``finish(ctx)``                 optional: exports after the final checkpoint
-
-The engine owns the rest: DeepSpeed config and initialisation, param groups, LAMB/AdamW, warmup + cosine,
+A stage (``evaclip_cli.engine.stage.Stage``; the CLIP, distill and video stages live in ``evaclip_cli.stages``)
+supplies the model, the data and the loss. The engine owns the rest: DeepSpeed config and initialisation, param groups, LAMB/AdamW, warmup + cosine,
 gradient accumulation, non-finite loss handling, checkpoints and exact resume, metrics.jsonl, TensorBoard,
 Rich progress and the loss/accuracy PNG.
 """
@@ -19,61 +11,16 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import UserError
-from . import checkpoint as ckpt
-from . import dist, schedule
-from .config import deepspeed_config
-from .params import build_param_groups
-
-
-class LoaderStage:
-    """Data bookkeeping every stage shares: its ``build_loader`` sets ``self._data`` (a resumable TrainLoader)."""
-
-    _data = None
-
-    def consumed(self, batch):
-        self._data.consumed(batch)
-
-    def data_state(self):
-        return self._data.state_dict()
-
-    def log_extras(self, ctx):
-        c = self._data.counters() if self._data is not None else {}
-        return {f"data_{k}": v for k, v in c.items()}
-
-
-class TrainingStopped(Exception):
-    """The run cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
-
-    exit_code = 3
-
-
-@dataclass
-class Context:
-    recipe: Any
-    out_dir: Path
-    info: dist.DistInfo
-    ds_config: dict
-    total_steps: int
-    accum: int
-    zero_init: bool = False
-    engine: Any = None
-    model: Any = None
-    data_state: Optional[dict] = None
-    console: Any = None
-    extras: dict = field(default_factory=dict)
-
-    @property
-    def device(self):
-        return self.engine.device if self.engine is not None else self.info.device
-
-    def print(self, *a, **k):
-        if self.info.is_main and self.console is not None:
-            self.console.print(*a, **k)
+from evaclip_cli import atomic
+from evaclip_cli.engine.stage import Context, Stage
+from evaclip_cli.errors import TrainingStopped, UserError
+from evaclip_cli.engine import resume as ckpt
+from evaclip_cli.engine import dist, schedule
+from evaclip_cli.engine.config import deepspeed_config
+from evaclip_cli.engine.params import build_param_groups
 
 
 class MetricsLog:
@@ -87,9 +34,7 @@ class MetricsLog:
         if resume_step > 0 and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip()
                     and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
+            atomic.write_text(path, "".join(ln + "\n" for ln in keep))
         elif resume_step == 0 and path.exists():
             path.unlink()
         self._fh = open(path, "a")
@@ -115,13 +60,11 @@ def _tensorboard(out_dir: Path, enabled: bool):
 
 
 def write_recipe(recipe, out_dir: Path) -> Path:
-    from ..recipes import recipe_to_toml
+    from evaclip_cli.recipes import recipe_to_toml
 
     path = out_dir / "evaclip_recipe.toml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# resolved recipe of this run (evaclip); `evaclip convert --from deepspeed` reads it\n"
-                   + recipe_to_toml(recipe))
-    tmp.replace(path)
+    atomic.write_text(path, "# resolved recipe of this run (evaclip); `evaclip convert --from deepspeed` reads it\n"
+                      + recipe_to_toml(recipe))
     return path
 
 
@@ -152,14 +95,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
         ax[0][1].legend(fontsize=8)
         ax[0][1].grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic.atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png
 
 
-def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
     """Train ``stage`` under ``recipe``; returns the final metrics (on every rank)."""
     import torch
     from rich.console import Console
@@ -196,7 +138,7 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     # per-group lists, and the export needs them (convert.load_deepspeed_state)
     names = {id(p): n for n, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-    from .optim import attach, build_optimizer
+    from evaclip_cli.engine.optim import attach, build_optimizer
 
     optimizer = build_optimizer(groups, recipe.optimizer)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
@@ -236,10 +178,6 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     last_metrics: dict = {}
     window: list[float] = []
     t_window, n_window = time.perf_counter(), 0
-    # fault injection for tests: make the loss of these micro-batch attempts (1-based, counted from this start)
-    # non-finite, to exercise the skip/stop logic end to end
-    inject_nan = {int(s) for s in os.environ.get("EVACLIP_INJECT_NAN_AT", "").split(",") if s.strip()}
-    attempts = 0
 
     def save(step):
         client = {
@@ -258,7 +196,7 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     step = start_step
     try:
         with progress:
-            task = progress.add_task(getattr(stage, "name", "train"), total=total_steps, completed=start_step, loss=float("nan"),
+            task = progress.add_task(stage.name, total=total_steps, completed=start_step, loss=float("nan"),
                                      sps=0.0)
             while step < total_steps:
                 schedule.apply(optimizer.param_groups, step, total_steps, recipe.schedule.warmup_steps,
@@ -269,9 +207,6 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
                     stage.consumed(batch)
                     loss, m = stage.loss(ctx, batch, step)
                     value = float(loss.detach().float().item())
-                    attempts += 1
-                    if attempts in inject_nan:
-                        value = float("nan")
                     bad = dist.any_true(not math.isfinite(value))
                     if bad:
                         counters["nonfinite"] += 1
@@ -335,13 +270,10 @@ def run(recipe, stage, out_dir: Optional[Path] = None, resume: Optional[str] = N
     return last_metrics
 
 
-def _evaluate(ctx, stage, step, metrics, tb, last_metrics):
-    evaluate = getattr(stage, "evaluate", None)
-    if evaluate is None:
-        return
+def _evaluate(ctx: Context, stage: Stage, step: int, metrics, tb, last_metrics):
     ctx.engine.eval()
     try:
-        res = evaluate(ctx, step) or {}
+        res = stage.evaluate(ctx, step) or {}
     finally:
         ctx.engine.train()
     if res:

@@ -8,7 +8,7 @@ def build_optimizer(param_groups: list[dict], cfg):
 
     betas = tuple(cfg.betas)
     if cfg.name == "lamb":
-        from .lamb import Lamb
+        from evaclip_cli.engine.lamb import Lamb
 
         return Lamb(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -23,7 +23,7 @@ def build_optimizer(param_groups: list[dict], cfg):
 
 def attach(optimizer, engine) -> None:
     """Let the ZeRO-aware LAMB learn how DeepSpeed partitioned the parameters (no-op for other optimizers)."""
-    from .lamb import Lamb, attach_to_engine
+    from evaclip_cli.engine.lamb import Lamb, attach_to_engine
 
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrappers keep the client one inside
     if isinstance(inner, Lamb):

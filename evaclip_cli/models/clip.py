@@ -5,7 +5,7 @@ import contextlib
 import math
 from typing import Optional
 
-from .specs import ClipSpec, open_clip_model_cfg
+from evaclip_cli.models.specs import ClipSpec, open_clip_model_cfg
 
 
 def _imports():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .specs import ARCHS, GENERIC_TIMM_NAME, TIMM_NAMES
+from evaclip_cli.models.specs import ARCHS, GENERIC_TIMM_NAME, TIMM_NAMES
 
 _REGISTERED = False
 
@@ -31,7 +31,7 @@ def _norm_layer(name: str):
 
 def _filter_fn(state_dict, model):
     """timm ``pretrained_filter_fn``: accept reference EVA / MIM / open_clip layouts for the tower."""
-    from .checkpoints import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
+    from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
 
     separate = not getattr(model.blocks[0].attn, "fused_attn", True) or hasattr(model.blocks[0].attn, "q_proj")
     layout = detect_layout(state_dict)

@@ -173,7 +173,7 @@ def resolve_arch(name: str) -> ClipSpec:
         known = sorted(ARCHS) + sorted(ALIASES)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        from ..errors import UserError
+        from evaclip_cli.errors import UserError
 
         raise UserError(f"unknown model '{name}'{hint}; known: {', '.join(known)}")
     return ARCHS[key].model_copy(deep=True)
@@ -216,7 +216,7 @@ def open_clip_model_cfg(spec: ClipSpec) -> dict:
 
 def spec_from_open_clip_cfg(cfg: dict) -> ClipSpec:
     """Inverse of :func:`open_clip_model_cfg` (used by convert --to eva and estimate on folders)."""
-    from ..errors import UserError
+    from evaclip_cli.errors import UserError
 
     cfg = cfg.get("model_cfg", cfg)
     vc, tc = cfg["vision_cfg"], cfg["text_cfg"]
@@ -250,7 +250,7 @@ def spec_from_open_clip_cfg(cfg: dict) -> ClipSpec:
 # The reference repo's JSON schema (baaivision/EVA eva_clip/model_configs/*.json)
 # --------------------------------------------------------------------------------------------------------------
 def spec_from_eva_config(cfg: dict, where: str = "config") -> ClipSpec:
-    from ..errors import UserError
+    from evaclip_cli.errors import UserError
 
     try:
         vc, tc = cfg["vision_cfg"], cfg["text_cfg"]

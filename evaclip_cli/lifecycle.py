@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from evaclip_cli.errors import UserError
 
 
 def _records(run: Path):
@@ -95,7 +95,7 @@ def run_demo(out: Path, skip: int = 0) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .train import demo_dir
+    from evaclip_cli.data.demo import demo_dir
 
     console = Console()
     out = Path(out)
@@ -113,7 +113,7 @@ def run_demo(out: Path, skip: int = 0) -> int:
             continue
         console.rule(f"[bold]{i + 1}/{len(plan)} {st['name']}[/bold]: evaclip {shlex.join(argv)}")
         if st["name"] == "eval suite" and not (demo / "demo.json").is_file():
-            from .data.demo import make_demo
+            from evaclip_cli.data.demo import make_demo
 
             make_demo(demo)
         t = time.perf_counter()

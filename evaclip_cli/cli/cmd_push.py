@@ -58,7 +58,7 @@ def register(app, eval_app) -> None:
         """Upload a model to the Hugging Face Hub in one commit: open_clip config, safetensors (sharded with an
         index when large), tokenizer files, and a generated model card (usage, training summary, eval table).
         The token comes from HF_TOKEN or `hf auth login` and is never printed."""
-        from .push import run_push
+        from evaclip_cli.hub.push import run_push
 
         run_push(src, repo, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
                  results=results, dry_run=dry_run, out=out, force=force, overwrite_card=overwrite_card,

@@ -12,8 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__
-from .errors import UserError
+from evaclip_cli import __version__
+from evaclip_cli.errors import TrainingStopped, UserError
 
 app = typer.Typer(
     name="evaclip",
@@ -28,7 +28,7 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show and copy the shipped recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
-from .data.cli import data_app  # noqa: E402  (light: its commands import lazily)
+from evaclip_cli.cli.cmd_data import data_app  # noqa: E402  (light: its commands import lazily)
 
 app.add_typer(data_app, name="data")
 eval_app = typer.Typer(help="Zero-shot evaluation with CLIP_benchmark's protocol and metric names: image "
@@ -39,7 +39,7 @@ OVERRIDES_HELP = "Recipe overrides, section.key=value (e.g. optimizer.lr=1e-4 da
 
 
 def _complete_recipe(incomplete: str):
-    from .recipes import builtin_names
+    from evaclip_cli.recipes import builtin_names
 
     return [n for n in builtin_names() if n.startswith(incomplete)]
 
@@ -64,7 +64,7 @@ def recipes_ls():
     from rich.console import Console
     from rich.table import Table
 
-    from .recipes import RECIPE_DIR, builtin_names, load_recipe
+    from evaclip_cli.recipes import RECIPE_DIR, builtin_names, load_recipe
 
     table = Table(title="evaclip recipes", show_lines=False)
     for col in ("name", "stage", "model", "extends", "description"):
@@ -84,7 +84,7 @@ def recipes_show(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ):
     """Print a recipe resolved: extends applied, overrides applied, defaults filled in."""
-    from .recipes import load_recipe, recipe_to_toml
+    from evaclip_cli.recipes import load_recipe, recipe_to_toml
 
     loaded = load_recipe(recipe, overrides or [])
     typer.echo(f"# {' <- '.join(Path(c).name for c in reversed(loaded.chain))}")
@@ -99,7 +99,7 @@ def recipes_cp(
     force: bool = typer.Option(False, "--force", help="Overwrite DEST if it exists."),
 ):
     """Copy a recipe (resolved, standalone) to DEST to start your own."""
-    from .recipes import copy_recipe
+    from evaclip_cli.recipes import copy_recipe
 
     out = copy_recipe(recipe, dest, overrides or [], force=force)
     typer.echo(f"wrote {out}")
@@ -124,7 +124,7 @@ def estimate(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Parameters, memory per GPU under ZeRO 0-3, FLOPs per sample and GPU-hours of a recipe, before you spend them."""
-    from .estimate import run_estimate
+    from evaclip_cli.estimate import run_estimate
 
     run_estimate(recipe, overrides or [], gpu=gpu.value if gpu else None, gpus=gpus, hours=hours, mfu=mfu,
                  as_json=json_out)
@@ -144,8 +144,8 @@ def launch_or_run(stage: str, recipe: str, overrides: list, nproc: int, nodes: i
     command / sbatch script."""
     from rich.console import Console
 
-    from .engine import launch
-    from .recipes import load_recipe, recipe_to_toml
+    from evaclip_cli.engine import launch
+    from evaclip_cli.recipes import load_recipe, recipe_to_toml
 
     loaded = load_recipe(recipe, overrides or [])
     r = loaded.recipe
@@ -156,7 +156,7 @@ def launch_or_run(stage: str, recipe: str, overrides: list, nproc: int, nodes: i
     argv = list(_ARGV) if _ARGV else _stage_argv(stage, recipe, overrides, out, resume)
     console = Console()
     world = nproc * nodes
-    from .engine.config import accumulation_steps
+    from evaclip_cli.engine.config import accumulation_steps
 
     accum = accumulation_steps(r.data.global_batch, r.data.micro_batch, world)
     if launcher == Launcher.slurm:
@@ -232,7 +232,7 @@ def train(
     if res is None:
         return
     r, out_dir = res
-    from .train import run_train, summary_line
+    from evaclip_cli.stages.clip import run_train, summary_line
 
     result = run_train(r, out_dir=out_dir, resume=resume)
     if os.environ.get("RANK", "0") == "0":
@@ -262,7 +262,7 @@ def distill(
     if res is None:
         return
     r, out_dir = res
-    from .distill import run_distill
+    from evaclip_cli.stages.distill import run_distill
 
     result = run_distill(r, out_dir=out_dir, resume=resume)
     if _is_rank0():
@@ -293,7 +293,7 @@ class DType(str, Enum):
 
 
 def _complete_model(incomplete: str):
-    from .models.specs import ALIASES, ARCHS
+    from evaclip_cli.models.specs import ALIASES, ARCHS
 
     return [n for n in [*ALIASES, *ARCHS] if n.startswith(incomplete)]
 
@@ -320,7 +320,7 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
 ):
     """Convert checkpoints: EVA reference .pt / MIM / DeepSpeed (ZeRO 0-3) -> open_clip folder, and back."""
-    from .convert import run_convert
+    from evaclip_cli.checkpoints.convert import run_convert
 
     run_convert(src, dst, src_format=src_format.value, dst_format=dst_format.value, eva_config=eva_config,
                 model=model, recipe=recipe, dtype=dtype.value, max_shard_size=max_shard_size,
@@ -359,21 +359,21 @@ def _eval_group():
         yield
     finally:
         if "LOCAL_RANK" in os.environ:
-            from .engine.dist import shutdown
+            from evaclip_cli.engine.dist import shutdown
 
             shutdown()
 
 
 def current_argv() -> list:
-    """This command line, for a relaunch; also when the parsing module is ``__main__`` (``python -m evaclip_cli.cli``)
-    and the caller imported ``evaclip_cli.cli`` as a second module."""
+    """This command line, for a relaunch; also when the parsing module is ``__main__`` (``python -m evaclip_cli.cli.app``)
+    and the caller imported ``evaclip_cli.cli.app`` as a second module."""
     return list(getattr(sys.modules.get("__main__"), "_ARGV", None) or _ARGV or sys.argv[1:])
 
 
 def _eval_launch(nproc: int) -> bool:
     """Relaunch this command on nproc processes (torchrun); True when this process should just return."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from .engine import launch
+        from evaclip_cli.engine import launch
 
         raise typer.Exit(launch.run_torchrun(launch.torchrun_args(nproc, 1, 0, None, None, current_argv())))
     return False
@@ -398,7 +398,7 @@ def eval_zeroshot(
 ):
     """Zero-shot image classification: top-1, top-5 and mean per-class recall, as CLIP_benchmark computes them."""
     _eval_launch(nproc)
-    from .evaluate import run_zeroshot
+    from evaclip_cli.eval.core import run_zeroshot
 
     with _eval_group():
         run_zeroshot(model, dataset, name=name, pretrained=pretrained, eva_config=eva_config, arch=arch,
@@ -421,7 +421,7 @@ def eval_retrieval(
 ):
     """Zero-shot image-text retrieval: image->text and text->image recall@1/5/10, several captions per image."""
     _eval_launch(nproc)
-    from .evaluate import run_retrieval
+    from evaclip_cli.eval.core import run_retrieval
 
     with _eval_group():
         run_retrieval(model, dataset, name=name, images=images, pretrained=pretrained, eva_config=eva_config, arch=arch,
@@ -430,7 +430,7 @@ def eval_retrieval(
 
 
 def _complete_suite(incomplete: str):
-    from .evaluate import suite_names
+    from evaclip_cli.eval.core import suite_names
 
     return [n for n in suite_names() if n.startswith(incomplete)]
 
@@ -456,7 +456,7 @@ def eval_suite(
     """Every dataset of a benchmark suite found under --root: per-dataset numbers, the paper's aggregates
     (27-avg, video avg, retrieval mean recall), results.json + a Markdown table (for `push`) + a PNG chart."""
     _eval_launch(nproc)
-    from .evaluate import run_suite
+    from evaclip_cli.eval.core import run_suite
 
     with _eval_group():
         run_suite(model, suite, root, out, pretrained=pretrained, eva_config=eva_config, arch=arch,
@@ -473,7 +473,7 @@ def demo(
 ):
     """The whole lifecycle on the embedded demo data: train a teacher -> distill -> train the student's CLIP ->
     finetune-video -> convert -> eval suite -> push --dry-run, with a summary table (about 5 min on 2 CPU cores)."""
-    from .demo import run_demo
+    from evaclip_cli.lifecycle import run_demo
 
     code = run_demo(out, skip=from_stage - 1)
     if code:
@@ -481,8 +481,8 @@ def demo(
 
 
 # ---------------------------------------------------------------------------- commands wired from their modules
-from .cli_video import register as _register_video  # noqa: E402  (finetune-video, eval video)
-from .cli_push import register as _register_push  # noqa: E402  (push)
+from evaclip_cli.cli.cmd_video import register as _register_video  # noqa: E402  (finetune-video, eval video)
+from evaclip_cli.cli.cmd_push import register as _register_push  # noqa: E402  (push)
 
 _register_video(app, eval_app)
 _register_push(app, eval_app)
@@ -509,11 +509,11 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print("evaclip: interrupted", file=sys.stderr)
         return 130
+    except TrainingStopped as e:  # a run that cannot go on: one line, exit code 3
+        if _is_rank0():
+            print(f"evaclip: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:
-        if type(e).__name__ == "TrainingStopped":  # a run that cannot go on: one line, exit code 3
-            if _is_rank0():
-                print(f"evaclip: {e}", file=sys.stderr)
-            return 3
         if os.environ.get("EVACLIP_DEBUG"):  # an evaclip bug, not bad input: one line, traceback on request
             raise
         print(f"evaclip: internal error: {type(e).__name__}: {e} (set EVACLIP_DEBUG=1 for the traceback)",

@@ -1,7 +1,7 @@
 """Train the tiny CLIP for 2 steps under DeepSpeed at one ZeRO stage and save a checkpoint (launched by torchrun
 from tests/test_convert_deepspeed.py).
 
-    python -m torch.distributed.run --nproc_per_node K tests/ds_tiny_checkpoint.py OUT --stage N [--zero-init]
+    python -m torch.distributed.run --nproc_per_node K tests/helpers/ds_tiny_checkpoint.py OUT --stage N [--zero-init]
 
 Writes, in OUT:
   ckpt/                  ``engine.save_checkpoint(OUT/ckpt, tag="global_step2")`` (all ranks)
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # open_clip / timm before anything enters zero.Init (the dynamo import inside it fails)

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import UserError
+from evaclip_cli.errors import UserError
 
 DASH = "–"
 

@@ -12,38 +12,16 @@ Nothing is downloaded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from ..errors import UserError
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class LoadedClip:
-    model: Any
-    tokenize: Callable
-    image_size: int
-    name: str
-    spec: Any = None
-    mean: tuple = OPENAI_MEAN
-    std: tuple = OPENAI_STD
-    source: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def transform(self):
-        """open_clip's eval preprocessing for this model (resize shortest side bicubic, center crop, normalise)."""
-        from open_clip.transform import image_transform
-
-        return image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
-
+from evaclip_cli.errors import UserError
+from evaclip_cli.models.loaded import OPENAI_MEAN, OPENAI_STD, LoadedClip
 
 def _run_source(path: Path) -> Path:
     """A run folder -> its consolidated final/ folder, else its checkpoints/ folder."""
-    from ..convert import CONFIG_NAME, is_deepspeed_dir
+    from evaclip_cli.checkpoints.deepspeed import is_deepspeed_dir
+    from evaclip_cli.models.openclip_compat import CONFIG_NAME
 
     if (path / "final" / CONFIG_NAME).is_file():
         return path / "final"
@@ -57,9 +35,9 @@ def _from_open_clip_folder(path: Path, device: str) -> LoadedClip:
 
     import evaclip_cli  # noqa: F401  (timm towers, timm_model_kwargs, sharded folders)
 
-    from ..convert import CONFIG_NAME
-    from .checkpoints import read_json
-    from .specs import spec_from_open_clip_cfg
+    from evaclip_cli.models.openclip_compat import CONFIG_NAME
+    from evaclip_cli.checkpoints.io import read_json
+    from evaclip_cli.models.specs import spec_from_open_clip_cfg
 
     cfg = read_json(path / CONFIG_NAME, "open_clip config")
     try:
@@ -82,10 +60,10 @@ def _from_open_clip_folder(path: Path, device: str) -> LoadedClip:
 def _from_state(state: dict, spec, device: str, name: str, source: str) -> LoadedClip:
     from open_clip.tokenizer import tokenize
 
-    from ..convert import _expected_state, _fit_to_expected
-    from .clip import build_clip
+    from evaclip_cli.checkpoints.convert import expected_state, fit_to_expected
+    from evaclip_cli.models.clip import build_clip
 
-    state = _fit_to_expected(state, _expected_state(spec), name, vision_only=False)
+    state = fit_to_expected(state, expected_state(spec), name, vision_only=False)
     model = build_clip(spec)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
@@ -99,7 +77,8 @@ def _from_state(state: dict, spec, device: str, name: str, source: str) -> Loade
 
 def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None, pretrained: Optional[str] = None,
               arch: Optional[str] = None) -> LoadedClip:
-    from ..convert import detect_format, load_source, resolve_spec
+    from evaclip_cli.checkpoints.convert import load_source
+    from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 
     path = Path(model)
     if path.exists() and pretrained is None:
@@ -123,7 +102,7 @@ def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None,
     weights = Path(pretrained)
     if not weights.is_file():
         raise UserError(f"{pretrained}: weights file not found (evaclip eval never downloads; give a local file)")
-    from .specs import ALIASES, ARCHS
+    from evaclip_cli.models.specs import ALIASES, ARCHS
 
     if model in ALIASES or model in ARCHS:  # a released EVA name + the reference .pt
         spec = resolve_spec(weights, detect_format(weights, "auto"), Path(eva_config) if eva_config else None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from .errors import UserError
+from evaclip_cli.errors import UserError
 
 
 def zeroshot_classifier(encode_text: Callable, tokenizer: Callable, classnames: Sequence[str],
@@ -98,7 +98,7 @@ def zeroshot_on_folder(model, root, spec, device, rank: int = 0, world_size: int
     import torch
     from open_clip.tokenizer import tokenize
 
-    from .data.eval_sets import load_zeroshot_folder
+    from evaclip_cli.data.eval_sets import load_zeroshot_folder
 
     dataset, classnames, templates = load_zeroshot_folder(root, transform=eval_transform(spec.vision.image_size))
     ctx_len = spec.text.context_length
@@ -145,7 +145,7 @@ def shipped_metadata() -> dict:
     import json
     from pathlib import Path
 
-    return json.loads((Path(__file__).parent / METADATA_FILE).read_text(encoding="utf-8"))
+    return json.loads((Path(__file__).parent.parent / METADATA_FILE).read_text(encoding="utf-8"))
 
 
 def _metadata_key(name: str) -> str:
@@ -303,7 +303,7 @@ def cached_classifier(loaded, model_id: str, classnames, templates, device, batc
 def _loader(evalset, loaded, rank, world, batch_size, workers, draft):
     import torch
 
-    from .data.benchmarks import ImageDataset, collate
+    from evaclip_cli.data.benchmarks import ImageDataset, collate
 
     n = len(evalset.items)
     per = -(-n // world)
@@ -368,7 +368,7 @@ def _sum_across(values):
 
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
         return values
-    from .engine.dist import all_reduce_sum
+    from evaclip_cli.engine.dist import all_reduce_sum
 
     return all_reduce_sum(values)
 
@@ -398,7 +398,7 @@ def evaluate_retrieval(loaded, evalset, device="cpu", batch_size: int = 256, wor
     import torch
     import torch.nn.functional as F
 
-    from .engine.dist import all_gather_object
+    from evaclip_cli.engine.dist import all_gather_object
 
     ac = _autocast(device, precision)
     img_idx, img_emb, skipped = [], [], 0
@@ -446,9 +446,9 @@ def _write_json(path, obj) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from evaclip_cli import atomic
+
+    atomic.write_json(path, obj)
 
 
 def print_results(rows: list, title: str) -> None:
@@ -501,7 +501,7 @@ class _Progress:
 
 def _model_and_dist(model, pretrained, eva_config, arch):
     rank, world, device = _setup_dist()
-    from .models.load import load_clip
+    from evaclip_cli.checkpoints.load import load_clip
 
     loaded = load_clip(model, device=device, eva_config=eva_config, pretrained=pretrained, arch=arch)
     return loaded, rank, world, device
@@ -510,7 +510,7 @@ def _model_and_dist(model, pretrained, eva_config, arch):
 def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=None, eva_config=None, arch=None,
                  classnames=None, templates=None, split="test", class_key="cls", batch_size=256, workers=None,
                  precision="auto", cache=True, fast_decode=False, output=None, quiet=False, loaded=None) -> dict:
-    from .data.benchmarks import classification_set
+    from evaclip_cli.data.benchmarks import classification_set
 
     evalset = classification_set(dataset, split=split, class_key=class_key)
     names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
@@ -536,7 +536,7 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
 def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretrained=None, eva_config=None, arch=None,
                   split="test", batch_size=256, workers=None, precision="auto", fast_decode=False, output=None,
                   quiet=False, loaded=None) -> dict:
-    from .data.benchmarks import retrieval_set
+    from evaclip_cli.data.benchmarks import retrieval_set
 
     evalset = retrieval_set(dataset, images=images, split=split)
     if loaded is None:
@@ -581,7 +581,7 @@ SUITE_DIR = "eval_files/suites"
 def suite_names() -> list:
     from pathlib import Path
 
-    return sorted(p.stem for p in (Path(__file__).parent / SUITE_DIR).glob("*.toml"))
+    return sorted(p.stem for p in (Path(__file__).parent.parent / SUITE_DIR).glob("*.toml"))
 
 
 def load_suite(name_or_path: str) -> dict:
@@ -593,7 +593,7 @@ def load_suite(name_or_path: str) -> dict:
 
     p = Path(name_or_path)
     if not p.is_file():
-        p = Path(__file__).parent / SUITE_DIR / f"{name_or_path}.toml"
+        p = Path(__file__).parent.parent / SUITE_DIR / f"{name_or_path}.toml"
     if not p.is_file():
         raise UserError(f"suite '{name_or_path}' not found: give a shipped suite ({', '.join(suite_names())}) or a "
                         ".toml file")
@@ -650,7 +650,7 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
                     r = run_retrieval(model, str(path), name=d["name"], loaded=loaded, batch_size=batch_size,
                                       workers=workers, precision=precision, fast_decode=fast_decode, quiet=True)
                 else:
-                    from .video import run_eval_video
+                    from evaclip_cli.stages.video import run_eval_video
 
                     r = run_eval_video(model, str(path), name=d["name"], frames=frames or d.get("frames", 1),
                                        loaded=loaded,
@@ -680,7 +680,7 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
     if rank == 0:
         out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
         out_dir.mkdir(parents=True, exist_ok=True)
-        from .report import results_markdown
+        from evaclip_cli.eval.report import results_markdown
 
         _write_json(out_dir / "results.json", out)
         md = out_dir / "results.md"

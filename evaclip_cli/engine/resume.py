@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
-from . import dist
+from evaclip_cli import atomic
+from evaclip_cli.errors import UserError
+from evaclip_cli.engine import dist
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
@@ -27,12 +28,6 @@ def list_complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
             if m and p.is_dir():
                 out.append((int(m.group(1)), p))
     return sorted(out)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
@@ -52,7 +47,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
         if final.exists():
             shutil.rmtree(final)
         (ckpt_dir / tmp_tag).rename(final)
-        _atomic_write(ckpt_dir / "latest", tag)
+        atomic.write_text(ckpt_dir / "latest", tag)
         complete = list_complete(ckpt_dir)
         for _, old in complete[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

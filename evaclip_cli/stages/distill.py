@@ -18,9 +18,10 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from .engine.loop import LoaderStage
-from .engine.params import TowerCfg, clip_layer_id
-from .errors import UserError
+from evaclip_cli.engine.stage import LoaderStage
+from evaclip_cli.engine.params import TowerCfg, clip_layer_id
+from evaclip_cli import atomic
+from evaclip_cli.errors import UserError
 
 
 def block_mask(grid: int, ratio: float, min_patches: int, aspect: tuple[float, float], rng: random.Random):
@@ -60,7 +61,7 @@ def _build_distill_model(student_spec, teacher_spec, teacher_embed: int):
     import torch
     from torch import nn
 
-    from .models.clip import _imports, build_visual
+    from evaclip_cli.models.clip import _imports, build_visual
 
     _imports()
     import timm
@@ -117,7 +118,7 @@ def _build_distill_model(student_spec, teacher_spec, teacher_embed: int):
 
 def load_teacher_state(path: str, spec) -> dict:
     """The teacher's vision tower (open_clip layout, ``visual.*``) from any checkpoint evaclip reads."""
-    from .models.pretrained import read_any
+    from evaclip_cli.checkpoints.init import read_any
 
     state = read_any(path, separate_qkv=not spec.vision.qkv_fused)
     vis = {k: v for k, v in state.items() if k.startswith("visual.")}
@@ -128,8 +129,8 @@ def load_teacher_state(path: str, spec) -> dict:
 
 
 def teacher_spec_for(recipe):
-    from .convert import CONFIG_NAME
-    from .models.specs import resolve_arch, spec_from_open_clip_cfg
+    from evaclip_cli.models.openclip_compat import CONFIG_NAME
+    from evaclip_cli.models.specs import resolve_arch, spec_from_open_clip_cfg
 
     t = recipe.distill.teacher
     if t and (Path(t) / CONFIG_NAME).is_file():
@@ -158,7 +159,7 @@ class DistillStage(LoaderStage):
     def build_model(self, ctx):
         import contextlib
 
-        from .models.clip import _imports
+        from evaclip_cli.models.clip import _imports
 
         _imports()  # open_clip/timm/torchvision (and torch._dynamo) before zero.Init, never inside it
         zero3 = ctx.zero_init
@@ -173,8 +174,8 @@ class DistillStage(LoaderStage):
         state = load_teacher_state(self.recipe.distill.teacher, self.teacher_spec) \
             if ctx.info.is_main or not zero3 else {}
         if zero3:
-            from .engine.dist import all_gather_object
-            from .models.pretrained import _Shape
+            from evaclip_cli.engine.dist import all_gather_object
+            from evaclip_cli.checkpoints.init import _Shape
 
             meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if ctx.info.is_main else None)[0]
             if not ctx.info.is_main:
@@ -186,7 +187,7 @@ class DistillStage(LoaderStage):
         if self.recipe.model.grad_checkpointing:
             model.student.trunk.set_grad_checkpointing(True)
         if self.recipe.init.vision:  # continue from an earlier student
-            from .models.pretrained import read_any
+            from evaclip_cli.checkpoints.init import read_any
 
             st = read_any(self.recipe.init.vision, not self.spec.vision.qkv_fused)
             st = {"student.trunk." + k[len("visual.trunk."):]: v for k, v in st.items() if k.startswith("visual.trunk.")}
@@ -206,15 +207,15 @@ class DistillStage(LoaderStage):
         return clip_layer_id(n, self.spec.vision.depth, 0)
 
     def build_loader(self, ctx, state):
-        from .data.wds import build_train_loader
-        from .train import _shard_pattern, ensure_demo
+        from evaclip_cli.data.wds import build_train_loader
+        from evaclip_cli.stages.common import ensure_demo, shard_pattern
 
         r = self.recipe
         if r.data.demo:
-            from .recipes import Source
+            from evaclip_cli.recipes import Source
 
             root = ensure_demo(ctx.info.is_main, ctx.console)
-            sources = [Source(shards=_shard_pattern(root / "train"))]
+            sources = [Source(shards=shard_pattern(root / "train"))]
         else:
             if not r.data.train:
                 raise UserError("the recipe has no data.train sources (image shards; captions are ignored)")
@@ -247,10 +248,11 @@ class DistillStage(LoaderStage):
         """Export the student: a timm tower folder (final/) and the MIM layout (student_mim.pt)."""
         import torch
 
-        from .convert import load_deepspeed_state, write_timm_folder
-        from .engine import dist
-        from .models.checkpoints import open_clip_to_eva
-        from .models.specs import ClipSpec
+        from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
+        from evaclip_cli.checkpoints.folders import write_timm_folder
+        from evaclip_cli.engine import dist
+        from evaclip_cli.models.keymaps import open_clip_to_eva
+        from evaclip_cli.models.specs import ClipSpec
 
         if ctx.info.is_main:
             state = load_deepspeed_state(ctx.out_dir / "checkpoints")
@@ -262,23 +264,22 @@ class DistillStage(LoaderStage):
             write_timm_folder(trunk, spec, ctx.out_dir / "final", extras=extras, force=True)
             mim = {k[len("visual."):]: v for k, v in open_clip_to_eva(trunk, not spec.vision.qkv_fused).items()}
             mim.update(extras)
-            tmp = ctx.out_dir / ".student_mim.pt.tmp"
-            torch.save(mim, tmp)
-            tmp.replace(ctx.out_dir / "student_mim.pt")
+            with atomic.atomic_file(ctx.out_dir / "student_mim.pt") as tmp:
+                torch.save(mim, tmp)
             ctx.print(f"student: {ctx.out_dir / 'final'} (timm folder), {ctx.out_dir / 'student_mim.pt'} (MIM layout)")
         dist.barrier()
 
 
 def load_teacher_tower(model, state, ctx, zero3, prefix="teacher."):
-    from .models.pretrained import load_into
+    from evaclip_cli.checkpoints.init import load_into
 
     return load_into(model, state, prefix, skip=[], where=str(ctx.recipe.distill.teacher), is_main=ctx.info.is_main,
                      zero3=zero3)
 
 
 def run_distill(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
-    from .engine import dist
-    from .engine.loop import run
+    from evaclip_cli.engine import dist
+    from evaclip_cli.engine.loop import run
 
     stage = DistillStage(recipe)
     result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet)

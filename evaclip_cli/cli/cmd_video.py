@@ -16,7 +16,7 @@ class VideoTask(str, Enum):
 
 def register(app, eval_app) -> None:
     """Add this module's commands to the `evaclip` app (and its `eval` group)."""
-    from .cli import (DRY_RUN, EVAL_ARCH, EVAL_EVA_CONFIG, EVAL_MODEL, EVAL_NPROC, EVAL_OUTPUT, EVAL_PRECISION,
+    from evaclip_cli.cli.app import (DRY_RUN, EVAL_ARCH, EVAL_EVA_CONFIG, EVAL_MODEL, EVAL_NPROC, EVAL_OUTPUT, EVAL_PRECISION,
                       EVAL_PRETRAINED, EVAL_WORKERS, HOSTFILE, LAUNCHER, MASTER_ADDR, MASTER_PORT, NODE_RANK, NODES,
                       NPROC, OUT, OVERRIDES_HELP, RESUME, Launcher, Precision, _complete_recipe, _eval_group,
                       _eval_launch)
@@ -36,7 +36,7 @@ def register(app, eval_app) -> None:
         """The video stage: a `train` CLIP continues on video-text pairs (T frames per clip through the vision
         tower, mean of the frame embeddings, contrastive loss), image shards mixed in by weight; same engine,
         launchers and outputs as `train`. Prints the zero-shot video accuracy at the end."""
-        from .cli import launch_or_run
+        from evaclip_cli.cli.app import launch_or_run
 
         overrides = list(overrides or []) + ([f"init.clip={init}"] if init else [])
         res = launch_or_run("video", recipe, overrides, nproc, nodes, node_rank, master_addr, master_port, hostfile,
@@ -44,7 +44,7 @@ def register(app, eval_app) -> None:
         if res is None:
             return
         r, out_dir = res
-        from .video import run_finetune_video, summary_line
+        from evaclip_cli.stages.video import run_finetune_video, summary_line
 
         result = run_finetune_video(r, out_dir=out_dir, resume=resume)
         if os.environ.get("RANK", "0") == "0":
@@ -82,7 +82,7 @@ def register(app, eval_app) -> None:
         reports it) or video-text retrieval (R@1/5/10), frames decoded with decord. Unreadable clips are skipped
         and counted. --nproc N: data-parallel over N processes (torchrun), as the other eval commands."""
         _eval_launch(nproc)
-        from .video import run_eval_video
+        from evaclip_cli.stages.video import run_eval_video
 
         with _eval_group():
             run_eval_video(model, str(dataset), name=name, task=task.value, frames=frames, pretrained=pretrained,

@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..errors import UserError
-from .checkpoints import detect_layout, eva_to_open_clip, load_state_dict, mim_to_open_clip_visual
+from evaclip_cli.errors import UserError
+from evaclip_cli.checkpoints.io import load_state_dict
+from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
 
 
 def read_any(path: str | Path, separate_qkv: bool = False) -> dict:
     """Any supported source -> a state dict in evaclip's open_clip layout (``visual.trunk.*``, ``text.*``)."""
-    from ..convert import is_deepspeed_dir, load_deepspeed_state
-    from .openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, load_sharded_safetensors
+    from evaclip_cli.checkpoints.deepspeed import is_deepspeed_dir, load_deepspeed_state
+    from evaclip_cli.models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, load_sharded_safetensors
 
     p = Path(path)
     if not p.exists():
@@ -58,7 +59,7 @@ def load_into(model, state: dict, prefix: str, skip: Iterable[str], where: str, 
     position embedding across resolutions. Returns counts for the log."""
     import torch
 
-    from .clip import resample_pos_embed
+    from evaclip_cli.models.clip import resample_pos_embed
 
     loaded, skipped, missing = 0, [], []
     for name, param in model.named_parameters():
@@ -102,7 +103,7 @@ def init_from_recipe(model, init_cfg, separate_qkv: bool, is_main: bool, zero3: 
             continue
         state = read_any(src, separate_qkv) if is_main or not zero3 else {}
         if zero3:  # only rank 0 reads the file; the others need the key set and shapes to walk the same params
-            from ..engine.dist import all_gather_object
+            from evaclip_cli.engine.dist import all_gather_object
 
             meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if is_main else None)[0]
             if not is_main:

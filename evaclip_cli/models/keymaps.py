@@ -19,9 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import UserError
-
-WRAPPERS = ("module", "state_dict", "model")
+from evaclip_cli.errors import UserError
 
 # vision-tower renames between the reference (left) and timm's Eva (right), per block
 _BLOCK_RENAMES = [
@@ -38,59 +36,8 @@ _DROP = re.compile(r"(^|\.)rope\.|(^|\.)freqs_(cos|sin)$|(^|\.)attn_mask$|\.attn
 # the reference's ``CLIP`` (custom_text false) stores the text tower at the top level
 _TOPLEVEL_TEXT = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
 
-# ------------------------------------------------------------------------------------------------- loading
-def load_state_dict(path: str | Path, mmap: bool = True) -> dict:
-    """Load any supported file into a flat ``{key: tensor}`` (memory-mapped where the format allows)."""
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; expected a checkpoint file (.pt/.pth/.bin/.safetensors)")
-    name = path.name
-    try:
-        if name.endswith(".safetensors.index.json"):
-            from .openclip_compat import load_sharded_safetensors
-
-            obj = load_sharded_safetensors(path)
-        elif name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if "mmap" in str(e) or "zip" in str(e).lower():  # legacy (non-zip) pickles cannot be mapped
-                    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-                else:
-                    raise
-    except UserError:
-        raise
-    except Exception as e:  # corrupt/truncated file, wrong format
-        raise UserError(f"{path}: cannot read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
-    return unwrap(obj, where=str(path))
 
 
-def unwrap(obj, where: str = "checkpoint") -> dict:
-    import torch
-
-    depth = 0
-    while isinstance(obj, dict) and depth < 3 and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in WRAPPERS if k in obj and isinstance(obj[k], dict)), None)
-        if inner is None:
-            break
-        obj, depth = inner, depth + 1
-    if not isinstance(obj, dict) or not obj:
-        raise UserError(f"{where}: no state dict found (expected tensors, possibly under 'module'/'state_dict'/'model')")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise UserError(f"{where}: holds no tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def detect_layout(state: dict) -> str:
@@ -199,10 +146,3 @@ def check_against_model(state: dict, expected: dict, where: str, ignore: Iterabl
                             f"{tuple(t.shape)}; check --eva-config/--model")
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno})") from None

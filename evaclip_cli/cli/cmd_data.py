@@ -25,7 +25,7 @@ def make_demo_cmd(
     retrieval manifest)."""
     from rich.console import Console
 
-    from .demo import make_demo
+    from evaclip_cli.data.demo import make_demo
 
     meta = make_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
                      n_videos=videos, video_per_class=video_per_class, force=force)
@@ -50,8 +50,8 @@ def inspect_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from ..errors import UserError
-    from .wds import inspect_shards
+    from evaclip_cli.errors import UserError
+    from evaclip_cli.data.wds import inspect_shards
 
     rep = inspect_shards(shards)
     if rep["shards"] == 0:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from . import __version__
-from .errors import UserError
-from .models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from evaclip_cli import __version__
+from evaclip_cli.errors import UserError
+from evaclip_cli.models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -84,7 +84,7 @@ def _is_open_clip_folder(path: Path) -> bool:
 
 def _convert_into(src: Path, dst: Path, *, src_format: str, max_shard_size: str, dtype: Optional[str],
                   eva_config, model, recipe) -> None:
-    from .convert import run_convert
+    from evaclip_cli.checkpoints.convert import run_convert
 
     run_convert(src, dst, src_format=src_format, dst_format="open_clip", eva_config=eva_config, model=model,
                 recipe=recipe, dtype=dtype or "auto", max_shard_size=max_shard_size, force=True)
@@ -97,7 +97,7 @@ def stage(src: Path, work: Path, *, max_shard_size: Optional[str] = None, dtype:
           eva_config=None, model=None, recipe=None) -> Staged:
     """Decide what to upload from SRC; converts (into ``work``) when SRC is not an open_clip folder with
     safetensors weights, or when resharding / a dtype change is asked for."""
-    from .report import find_run_dir
+    from evaclip_cli.eval.report import find_run_dir
 
     src = Path(src)
     if not src.exists():
@@ -115,7 +115,7 @@ def stage(src: Path, work: Path, *, max_shard_size: Optional[str] = None, dtype:
     elif _is_open_clip_folder(src):
         folder = src
     else:
-        from .convert import detect_format
+        from evaclip_cli.checkpoints.detect import detect_format
 
         convert_from = detect_format(src, "auto")
     if folder is not None:
@@ -183,7 +183,7 @@ def _params(n: int) -> str:
 
 
 def _architecture_rows(cfg: dict, stats: dict) -> list[list[str]]:
-    from .models.specs import spec_from_open_clip_cfg
+    from evaclip_cli.models.specs import spec_from_open_clip_cfg
 
     rows: list[list[str]] = []
     model_cfg = cfg.get("model_cfg", cfg)
@@ -224,7 +224,7 @@ def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: 
                results: Optional[dict] = None, base_model: Optional[str] = None) -> str:
     """README.md for the repo: Hub metadata, how to load it (open_clip, evaclip), the architecture, the training
     summary when the source is an evaclip run, the eval-suite table when results are given, and the files."""
-    from .report import datasets_for, results_markdown, training_summary
+    from evaclip_cli.eval.report import datasets_for, results_markdown, training_summary
 
     cfg = json.loads(staged.files[CONFIG_NAME].read_text())
     stats = weight_stats(staged.files)
@@ -263,7 +263,7 @@ def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: 
              f"evaclip convert {name} {name}.pt --to eva            # the EVA-CLIP reference layout",
              "```", ""]
     if staged.run_dir is not None:
-        from .report import read_recipe
+        from evaclip_cli.eval.report import read_recipe
 
         summary = training_summary(staged.run_dir)
         stage_cmd = {"video": "finetune-video"}.get(read_recipe(staged.run_dir).get("stage", "train"),
@@ -411,8 +411,9 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
              dtype: Optional[str] = None, eva_config=None, model=None, recipe=None,
              echo: Callable[[str], None] = print) -> dict:
     """Stage SRC, write the card, and upload everything in one commit (or, with ``dry_run``, write the folder)."""
-    from .convert import AtomicDir, parse_size
-    from .report import load_results
+    from evaclip_cli.atomic import AtomicDir
+    from evaclip_cli.checkpoints.io import parse_size
+    from evaclip_cli.eval.report import load_results
 
     def log(msg: str) -> None:
         print(f"evaclip: {msg}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Launched by tests/test_lamb.py (one engine per process):
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/lamb_worker.py STAGE OUT [--bf16] [--offload] ...
+    python -m torch.distributed.run --nproc_per_node 2 tests/helpers/lamb_worker.py STAGE OUT [--bf16] [--offload] ...
 
 Every rank gets its own fixed batch. Rank 0 then runs the reference: the same model, the same per-rank batches,
 gradients averaged over the ranks, ``Lamb`` on the plain parameters, and writes to OUT (torch.save) the largest
@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 LR, BETAS, EPS, WD = 2e-2, (0.9, 0.98), 1e-6, 0.1
 STEPS, BATCH = 3, 8

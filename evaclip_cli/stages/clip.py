@@ -1,34 +1,13 @@
 """``evaclip train``: contrastive CLIP training, the CLIP stage of the shared engine."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-from .engine.loop import LoaderStage
-from .engine.params import TowerCfg, clip_layer_id
-from .errors import UserError
-
-DEMO_DIR_ENV = "EVACLIP_DEMO_DIR"
-
-
-def demo_dir() -> Path:
-    return Path(os.environ.get(DEMO_DIR_ENV, "demo_data"))
-
-
-def ensure_demo(is_main: bool, console=None) -> Path:
-    """The embedded demo dataset, generated on the first run (rank 0) and reused afterwards."""
-    from .data.demo import make_demo
-    from .engine import dist
-
-    root = demo_dir()
-    if is_main:
-        if console is not None and not (root / "demo.json").is_file():
-            console.print(f"making the demo dataset in {root} (procedural, no download)")
-        make_demo(root)
-    dist.barrier()
-    return root
-
+from evaclip_cli.engine.stage import LoaderStage
+from evaclip_cli.engine.params import TowerCfg, clip_layer_id
+from evaclip_cli.errors import UserError
+from evaclip_cli.stages.common import ensure_demo, shard_pattern
 
 class ClipStage(LoaderStage):
     """Model, data and loss of contrastive image-text training; everything else is the engine's."""
@@ -45,17 +24,17 @@ class ClipStage(LoaderStage):
 
     # ---- model -----------------------------------------------------------------------------------------------
     def build_model(self, ctx):
-        from .models.clip import build_clip
-        from .models.pretrained import init_from_recipe
+        from evaclip_cli.models.clip import build_clip
+        from evaclip_cli.checkpoints.init import init_from_recipe
 
         r = self.recipe
         model = build_clip(self.spec, zero_init=ctx.ds_config if ctx.zero_init else None, engine=True)
         zero3 = r.deepspeed.zero_stage == 3 and ctx.zero_init
         if zero3:
-            from .models.zero_init import reinit_zero3
+            from evaclip_cli.models.zero_init import reinit_zero3
 
             reinit_zero3(model, ctx.info.is_main)
-        from .models.clip import count_params
+        from evaclip_cli.models.clip import count_params
 
         ctx.print(f"model: {count_params(model):,} parameters ({'partitioned by zero.Init' if zero3 else 'full copy'}"
                   f" on each of {ctx.info.world_size} process(es))")
@@ -72,7 +51,7 @@ class ClipStage(LoaderStage):
             model.set_grad_checkpointing(True)
         t = r.tokens.image
         if t.method in ("random", "grid", "block") and t.keep_ratio < 1.0:
-            from .models.tokens import install
+            from evaclip_cli.models.tokens import install
 
             self.reducer = install(model.visual.trunk, t.method, t.keep_ratio)
         self._full_attn_mask = model.text.attn_mask
@@ -98,12 +77,12 @@ class ClipStage(LoaderStage):
     def sources(self, ctx):
         r = self.recipe
         if r.data.demo:
-            from .recipes import Source
+            from evaclip_cli.recipes import Source
 
             root = ensure_demo(ctx.info.is_main, ctx.console)
             if not r.eval.datasets:
                 self.eval_sets = [(f"demo-{d.name}", d) for d in sorted((root / "zeroshot").iterdir()) if d.is_dir()]
-            return [Source(shards=_shard_pattern(root / "train"))]
+            return [Source(shards=shard_pattern(root / "train"))]
         if not r.data.train:
             raise UserError("the recipe has no data.train sources (and data.demo is false); add "
                             "data.train = [{ shards = \"path/{00000..00099}.tar\" }]")
@@ -116,12 +95,12 @@ class ClipStage(LoaderStage):
 
     def make_loader(self, sources, **kw):
         """The loader over ``sources`` (the video stage swaps in its clip loader)."""
-        from .data.wds import build_train_loader
+        from evaclip_cli.data.wds import build_train_loader
 
         return build_train_loader(sources, **kw)
 
     def build_loader(self, ctx, state):
-        from .data.text import make_tokenizer
+        from evaclip_cli.data.text import make_tokenizer
 
         r = self.recipe
         sources = self.sources(ctx)
@@ -163,7 +142,7 @@ class ClipStage(LoaderStage):
 
     # ---- eval ------------------------------------------------------------------------------------------------
     def evaluate(self, ctx, step):
-        from .evaluate import zeroshot_on_folder
+        from evaclip_cli.eval.core import zeroshot_on_folder
 
         if not self.eval_sets:
             return {}
@@ -186,21 +165,14 @@ class ClipStage(LoaderStage):
 
     def finish(self, ctx):
         """Export the final weights as an open_clip folder (consolidated from the last checkpoint)."""
-        from .convert import run_convert
-        from .engine import dist
+        from evaclip_cli.checkpoints.convert import run_convert
+        from evaclip_cli.engine import dist
 
         if ctx.info.is_main:
             run_convert(ctx.out_dir / "checkpoints", ctx.out_dir / "final", src_format="deepspeed",
                         recipe=str(ctx.out_dir / "evaclip_recipe.toml"), force=True, quiet=True)
             ctx.print(f"final model: {ctx.out_dir / 'final'} (open_clip folder)")
         dist.barrier()
-
-
-def _shard_pattern(folder: Path) -> str:
-    shards = sorted(folder.glob("*.tar"))
-    if not shards:
-        raise UserError(f"{folder}: no .tar shards")
-    return "::".join(str(s) for s in shards)
 
 
 def prepare_recipe(recipe):
@@ -214,9 +186,9 @@ def prepare_recipe(recipe):
 
 
 def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
-    from .engine.loop import run
+    from evaclip_cli.engine.loop import run
 
-    from .engine import dist
+    from evaclip_cli.engine import dist
 
     recipe = prepare_recipe(recipe)
     stage = ClipStage(recipe)

@@ -17,8 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
-from .train import ClipStage, ensure_demo, _shard_pattern
+from evaclip_cli.errors import UserError
+from evaclip_cli.stages.clip import ClipStage
+from evaclip_cli.stages.common import ensure_demo, shard_pattern
 
 
 # ------------------------------------------------------------------------------------------------------- pooling
@@ -68,7 +69,7 @@ class VideoStage(ClipStage):
         return model
 
     def sources(self, ctx):
-        from .recipes import Source
+        from evaclip_cli.recipes import Source
 
         r, v = self.recipe, self.recipe.video
         if r.data.demo:
@@ -80,8 +81,8 @@ class VideoStage(ClipStage):
                 self.eval_sets = [(f"demo-{d.name}", d) for d in sorted((root / "zeroshot").iterdir()) if d.is_dir()]
                 self.video_sets = [(f"demo-video-{d.name}", d)
                                    for d in sorted((root / "zeroshot_video").iterdir()) if d.is_dir()]
-            srcs = [Source(shards=_shard_pattern(root / "train"), weight=1.0, kind="image"),
-                    Source(shards=_shard_pattern(root / "video_train"), weight=1.0, kind="video")]
+            srcs = [Source(shards=shard_pattern(root / "train"), weight=1.0, kind="image"),
+                    Source(shards=shard_pattern(root / "video_train"), weight=1.0, kind="video")]
         else:
             if not r.data.train:
                 raise UserError("the recipe has no data.train sources (and data.demo is false); add "
@@ -105,7 +106,7 @@ class VideoStage(ClipStage):
             super().add_eval_set(d)
 
     def make_loader(self, sources, **kw):
-        from .data.video import build_video_loader
+        from evaclip_cli.data.video import build_video_loader
 
         return build_video_loader(sources, frames=self.recipe.video.frames, jitter=self.recipe.video.jitter, **kw)
 
@@ -140,11 +141,11 @@ class VideoStage(ClipStage):
 def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, log=print) -> None:
     """Every parameter of the CLIP (towers, projections, logit_scale) from a whole-CLIP checkpoint (a `train` run
     folder, an open_clip folder, a DeepSpeed checkpoint folder, an EVA .pt). Works under ZeRO-3 like init.vision."""
-    from .models.pretrained import _Shape, load_into, read_any
+    from evaclip_cli.checkpoints.init import _Shape, load_into, read_any
 
     state = read_any(src, separate_qkv) if is_main or not zero3 else {}
     if zero3:
-        from .engine.dist import all_gather_object
+        from evaclip_cli.engine.dist import all_gather_object
 
         meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if is_main else None)[0]
         if not is_main:
@@ -165,8 +166,8 @@ def zeroshot_video_in_training(model, root, spec, device, rank: int = 0, world_s
     import torch
     from open_clip.tokenizer import tokenize
 
-    from .data.video import load_video_classification
-    from .evaluate import accumulate, all_reduce_state, finalize, zeroshot_classifier
+    from evaclip_cli.data.video import load_video_classification
+    from evaclip_cli.eval.core import accumulate, all_reduce_state, finalize, zeroshot_classifier
 
     ds, classnames, templates = load_video_classification(root, frames, spec.vision.image_size)
     ctx_len = spec.text.context_length
@@ -201,9 +202,9 @@ def zeroshot_video_in_training(model, root, spec, device, rank: int = 0, world_s
 
 def run_finetune_video(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None,
                        quiet: bool = False) -> dict:
-    from .engine import dist
-    from .engine.loop import run
-    from .train import prepare_recipe
+    from evaclip_cli.engine import dist
+    from evaclip_cli.engine.loop import run
+    from evaclip_cli.stages.clip import prepare_recipe
 
     recipe = prepare_recipe(recipe)
     result = run(recipe, VideoStage(recipe), out_dir=out_dir, resume=resume, quiet=quiet)
@@ -249,7 +250,7 @@ def run_eval_video(model: str, dataset: str, *, name: Optional[str] = None, task
                    quiet: bool = False, loaded=None) -> dict:
     """``evaclip eval video``: zero-shot classification of a folder/CSV set or retrieval on a manifest; returns
     the metrics JSON (CLIP_benchmark's layout, see the brief) and writes it to ``output``."""
-    from .evaluate import _autocast, _finish, _model_and_dist, _precision, _setup_dist, default_workers
+    from evaclip_cli.eval.core import _autocast, _finish, _model_and_dist, _precision, _setup_dist, default_workers
 
     path = Path(dataset)
     if not path.exists():
@@ -291,8 +292,8 @@ def _video_classification(loaded, path, frames, device, batch_size, workers, ac,
                           classnames_file, templates_file) -> dict:
     import torch
 
-    from .data.video import load_video_classification
-    from .evaluate import _Progress, _sum_across, accumulate, all_reduce_state, finalize, zeroshot_classifier
+    from evaclip_cli.data.video import load_video_classification
+    from evaclip_cli.eval.core import _Progress, _sum_across, accumulate, all_reduce_state, finalize, zeroshot_classifier
 
     ds, classnames, templates = load_video_classification(path, frames, loaded.image_size)
     if classnames_file:
@@ -327,9 +328,9 @@ def _video_retrieval(loaded, path, frames, device, batch_size, workers, ac, rank
     import torch
     import torch.nn.functional as F
 
-    from .data.video import load_video_retrieval
-    from .engine.dist import all_gather_object
-    from .evaluate import _Progress, retrieval_metrics
+    from evaclip_cli.data.video import load_video_retrieval
+    from evaclip_cli.engine.dist import all_gather_object
+    from evaclip_cli.eval.core import _Progress, retrieval_metrics
 
     ds, captions, owner = load_video_retrieval(path, frames, loaded.image_size)
     ids, embs, skipped = [], [], 0
@@ -366,6 +367,6 @@ def _video_retrieval(loaded, path, frames, device, batch_size, workers, ac, rank
 
 
 def summary_line(result: dict) -> str:
-    from .train import summary_line as clip_summary
+    from evaclip_cli.stages.clip import summary_line as clip_summary
 
     return clip_summary(result)
