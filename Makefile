@@ -4,7 +4,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 EVACLIP := $(VENV)/bin/evaclip
 
-.PHONY: demo test venv completions clean
+.PHONY: demo test test-fast check venv completions clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ demo: venv
 	rm -rf runs/demo
 	$(EVACLIP) demo --out runs/demo
 
-test: venv
+# the static checks: the layer contract (imports go down, no cycles), lint + import order, types of the lower layers
+check: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check evaclip_cli tests bench
+	$(VENV)/bin/mypy
+
+# everything CI runs (.ci/run)
+test: check
 	$(VENV)/bin/python -m pytest -q tests
+
+# the quick loop while editing: the static checks and every test not marked slow
+test-fast: check
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 completions: venv
 	$(VENV)/bin/python -m evaclip_cli.cli.completions write completions

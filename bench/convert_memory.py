@@ -94,7 +94,7 @@ def main():
         del model
     cfg.write_text(json.dumps(eva_config_from_spec(spec)))
     size_gb = src.stat().st_size / 1e9
-    evaclip = [sys.executable, "-m", "evaclip_cli.cli.app", "convert", str(src), str(work / "out"), "--eva-config",
+    evaclip = [sys.executable, "-m", "evaclip_cli.cli", "convert", str(src), str(work / "out"), "--eva-config",
                str(cfg), "--max-shard-size", "500MB", "--force"]
     peer = [sys.executable, "-c", PEER, str(src), str(work / "peer.safetensors")]
     base_anon, base_rss, _ = peak_memory_of([sys.executable, "-c", "import torch, open_clip, timm, evaclip_cli"])

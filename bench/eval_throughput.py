@@ -106,7 +106,7 @@ def main() -> None:
     make_model(model, args.arch)
     env = {**os.environ, "EVACLIP_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
     common = ["--batch-size", str(args.batch), "--workers", str(args.workers)]
-    evaclip = [sys.executable, "-m", "evaclip_cli.cli.app", "eval", "zeroshot", "-m", str(model), "-d", str(data), *common]
+    evaclip = [sys.executable, "-m", "evaclip_cli.cli", "eval", "zeroshot", "-m", str(model), "-d", str(data), *common]
     peer = [sys.executable, "-c", PEER, "eval", "--model", f"local-dir:{model}", "--pretrained", "", "--dataset",
             "wds/bench", "--dataset_root", str(data), "--task", "zeroshot_classification", "--no_amp",
             "--batch_size", str(args.batch), "--num_workers", str(args.workers)]

@@ -73,7 +73,7 @@ def main():
         out = work / "evaclip"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "evaclip_cli.cli.app", "train", "--recipe", "tiny", "--out", str(out),
+        subprocess.run([sys.executable, "-m", "evaclip_cli.cli", "train", "--recipe", "tiny", "--out", str(out),
                         f"data.samples={samples}", f"data.global_batch={args.batch}",
                         f"data.micro_batch={args.batch}", f"data.workers={args.workers}", "logging.log_every=10",
                         "logging.checkpoint_every=0", "logging.tensorboard=false", "eval.every_steps=0"],

@@ -67,7 +67,7 @@ def clips(tmp: Path) -> dict[str, list[str]]:
 
 
 def evaclip_decode(path: str, frames: int):
-    from evaclip_cli.data.video import frame_indices, read_clip
+    from evaclip_cli.data.decode import frame_indices, read_clip
 
     return read_clip(path, lambda n: frame_indices(n, frames, "uniform"))
 
@@ -77,7 +77,7 @@ def pyav_decode(path: str, frames: int):
     import av
     import numpy as np
 
-    from evaclip_cli.data.video import frame_indices
+    from evaclip_cli.data.decode import frame_indices
 
     with av.open(path) as c:
         stream = c.streams.video[0]

@@ -24,7 +24,7 @@ BATCH = 64
 
 
 def _evaclip(args, env):
-    r = subprocess.run([sys.executable, "-m", "evaclip_cli.cli.app", *args], env=env, cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "evaclip_cli.cli", *args], env=env, cwd=ROOT, capture_output=True,
                        text=True)
     if r.returncode != 0:
         raise RuntimeError(f"evaclip {' '.join(args)} failed:\n{r.stderr[-3000:]}")

@@ -1,8 +1,15 @@
-"""Nothing written half: every file and folder evaclip produces is written to a temporary sibling and renamed into
-place (``os.replace``), so a crash or a kill leaves the old output or none, never a torn one.
+"""Nothing written half, nothing written twice at once.
 
-The one helper for it (checkpoint exports, run metadata, eval results, Hub staging folders): it sits at the bottom
-of the package so every layer can use it.
+* Every file and folder evaclip produces is written to a temporary sibling and renamed into place
+  (``os.replace``): a crash or a kill leaves the old output or none, never a torn one. Temporary names carry the
+  host and PID, and the next write into the same folder removes those of dead processes (a killed convert of an
+  18B model leaves tens of GB otherwise).
+* ``OutputLock``: an OS-level lock (``flock``) on a run folder or an output, held for the life of the process, so
+  two runs cannot write one folder at once; the kernel drops it when the process dies, so a kill -9 never leaves
+  it stale.
+* Outputs get the user's umask (some writers create files 0600).
+
+These helpers sit at the bottom of the package so every layer can use them.
 """
 from __future__ import annotations
 
@@ -17,8 +24,85 @@ from evaclip_cli.errors import UserError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions any tool's output gets under the
+    user's umask: some writers (safetensors) create files 0600, which teammates on shared storage cannot read."""
+    path = Path(path)
+    mask = _umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in entries:
+        if p.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
 def _tmp_sibling(dst: Path, kind: str = "tmp") -> Path:
-    return dst.parent / f".{dst.name}.{kind}-{os.getpid()}"
+    return dst.parent / f".{dst.name}.{kind}-{_host()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, notify=None) -> list[Path]:
+    """Remove the temporary files/folders (``.NAME.tmp-HOST-PID``, ``.NAME.old-HOST-PID``) that processes of this
+    host which no longer run left in ``folder``; ``notify(line)`` is told about each. Returns what was removed."""
+    import re
+
+    folder = Path(folder)
+    pattern = re.compile(r"^\..+\.(tmp|old)-(?P<host>[^-/]+)-(?P<pid>\d+)$")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for p in entries:
+        m = pattern.match(p.name)
+        if not m or m.group("host") != host or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        if notify is not None:
+            notify(f"removed {p} ({size / 1e6:,.1f} MB), left by an evaclip process that no longer runs "
+                   f"(pid {m.group('pid')})")
+    return removed
+
+
+def _stderr_note(line: str) -> None:
+    import sys
+
+    print(f"evaclip: {line}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -34,6 +118,7 @@ def atomic_file(dst: PathLike) -> Iterator[Path]:
         raise UserError(f"cannot write {dst}: {e.strerror}") from None
     try:
         yield tmp
+        default_permissions(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -59,16 +144,18 @@ class AtomicDir:
 
     ``with AtomicDir(out, force) as tmp: ...write files into tmp...``"""
 
-    def __init__(self, dst: PathLike, force: bool):
+    def __init__(self, dst: PathLike, force: bool, notify=_stderr_note):
         self.dst = Path(dst)
         self.force = force
         if self.dst.exists() and not force:
             raise UserError(f"{self.dst} exists; pass --force to replace it")
         self.tmp = _tmp_sibling(self.dst)
+        self.notify = notify
 
     def __enter__(self) -> Path:
         try:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.dst.parent, self.notify)
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
@@ -80,6 +167,7 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        default_permissions(self.tmp)
         old = None
         if self.dst.exists():
             old = _tmp_sibling(self.dst, "old")
@@ -88,3 +176,83 @@ class AtomicDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         return False
+
+
+# ----------------------------------------------------------------------------------------------------- locking
+class OutputLock:
+    """An exclusive ``flock`` on ``lock_path``, which records who holds it (PID, host, start time) for the message a
+    second process gets. Released by ``release()`` or when the process ends, however it ends.
+
+    ``what`` names the thing locked in that message (e.g. the run folder)."""
+
+    def __init__(self, lock_path: PathLike, what: PathLike):
+        self.path, self.what = Path(lock_path), Path(what)
+        self._fh = None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+        import json
+        import time
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write {self.what}: {cannot(e, self.path)}") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            try:
+                who = json.loads(fh.read() or "{}")
+            except ValueError:
+                who = {}
+            fh.close()
+            holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
+            if who.get("since"):
+                holder += f", since {who['since']}"
+            raise UserError(f"{self.what} is in use by another evaclip process ({holder}); wait for it to finish "
+                            "or choose another output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the flock
+            self._fh = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def run_lock(run_dir: PathLike) -> OutputLock:
+    """The lock of a training run folder: ``RUN/.evaclip.lock``."""
+    return OutputLock(Path(run_dir) / ".evaclip.lock", run_dir)
+
+
+def output_lock(dst: PathLike) -> OutputLock:
+    """The lock of an output written whole (a converted folder, a push staging folder): ``.NAME.lock`` beside it,
+    so the lock never lands inside the folder that is renamed into place."""
+    dst = Path(dst)
+    return OutputLock(dst.parent / f".{dst.name}.lock", dst)
+
+
+def cannot(e: OSError, path: PathLike) -> str:
+    """The reason of a failed write, for 'cannot write X: reason'."""
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({path} is read-only for this user)" if e.errno != errno.EROFS \
+            else f"{path} is on a read-only file system"
+    if e.errno == errno.EEXIST or e.errno == errno.ENOTDIR:
+        return f"{path} is a file, not a folder"
+    return f"{e.strerror or type(e).__name__} ({path})"

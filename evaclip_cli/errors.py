@@ -12,3 +12,9 @@ class TrainingStopped(Exception):
     """A run that cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a message: its first line, or its type when it has no text."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

@@ -90,6 +90,18 @@ class Source(_Section):
     shards: str  # brace-expandable webdataset URL/path, or a CSV manifest for video
     weight: float = 1.0
     kind: Literal["image", "video"] = "image"
+    # where the caption is: a member extension ("txt", img2dataset's default) or "json:FIELD" (a field of the .json
+    # member, dots for nesting; img2dataset writes the caption there too, as "caption")
+    caption: str = "txt"
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_spec(cls, v):
+        v = v.strip()
+        if not v or (v.startswith("json:") and not v[5:]) or "/" in v:
+            raise ValueError("caption must be a member extension (e.g. \"txt\") or \"json:FIELD\" (e.g. "
+                             "\"json:caption\")")
+        return v
 
 
 class AugSection(_Section):
@@ -108,6 +120,9 @@ class DataSection(_Section):
     resampled: bool = True
     shuffle_buffer: int = 1000
     workers: int = 2
+    # stop with one line when this many samples in a row were skipped (corrupt, or missing an image or caption):
+    # the data is not what the recipe describes (e.g. captions in .json, not .txt)
+    max_skipped_in_a_row: int = 1000
     aug: AugSection = Field(default_factory=AugSection)
 
     @field_validator("global_batch", "micro_batch")
@@ -350,9 +365,12 @@ def find_recipe(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); TOML files "
+                        "are UTF-8: re-save the recipe as UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -387,7 +405,10 @@ def _load_chain(path: Path, seen: tuple = ()) -> tuple[dict, dict[str, str], lis
     if parent_name is not None and not isinstance(parent_name, str):
         raise UserError(f"{path}: 'extends' must be a recipe name or path (a string)")
     if parent_name:
-        parent_path = find_recipe(parent_name, relative_to=path.parent)
+        try:
+            parent_path = find_recipe(parent_name, relative_to=path.parent)
+        except UserError as e:
+            raise UserError(f"{path}: extends = \"{parent_name}\": {e}") from None
         base, sources, chain = _load_chain(parent_path, (*seen, path))
     else:
         base, sources, chain = {}, {}, []
@@ -478,11 +499,15 @@ def _explain(err: ValidationError, sources: dict[str, str], default_src: str) ->
     e = err.errors()[0]
     loc = tuple(e["loc"])
     dotted = ".".join(str(p) for p in loc)
-    src = sources.get(dotted) or default_src
+    # where the offending key came from: itself, or (an unknown section) the keys under it
+    src = sources.get(dotted) or next((v for k, v in sources.items() if k.startswith(dotted + ".")), default_src)
     if e["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
         close = closest_key(str(loc[-1]), valid)
         prefix = ".".join(str(p) for p in loc[:-1]) + "." if len(loc) > 1 else ""
+        if isinstance(e.get("input"), dict):  # a whole section the schema does not have
+            hint = f"; did you mean '{prefix}{close}'?" if close else f" (valid: {', '.join(valid)})"
+            return f"{src}: unknown section '{dotted}'{hint}"
         hint = f"; did you mean '{prefix}{close}'? (valid: {', '.join(valid)})" if close else ""
         return f"{src}: unknown key '{dotted}'{hint}"
     msg = e["msg"].removeprefix("Value error, ")

@@ -127,31 +127,47 @@ def test_bash_completion_is_fast():
     assert elapsed < 5.0, f"one TAB took {elapsed:.2f}s; something heavy is imported on the completion path"
 
 
+# The `evaclip` console script runs evaclip_entry.main, which marks the process as the command line before importing
+# evaclip_cli: the integration with timm/open_clip (torch) then waits for the commands that build or load a model.
+# A plain `import evaclip_cli` integrates at once (tests/test_integration.py).
+AS_CONSOLE_SCRIPT = "import evaclip_entry; evaclip_entry.COMMAND_LINE = True"
+
+
+def _run_entry(argv: list, env=None) -> subprocess.CompletedProcess:
+    """``evaclip ARGV`` as the console script runs it (evaclip_entry.main), reporting the heavy modules it loaded."""
+    code = "\n".join([
+        "import sys, json, evaclip_entry",
+        f"sys.argv = ['evaclip', *{argv!r}]",
+        "try:",
+        "    evaclip_entry.main()",
+        "except SystemExit as e:",
+        "    rc = e.code or 0",
+        f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)",
+    ])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env or _env())
+
+
 def test_cli_import_is_light():
-    code = f"import sys, json; import evaclip_cli.cli; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert json.loads(res.stdout) == [], f"importing evaclip_cli.cli imports {res.stdout.strip()}"
+    """The console script is evaclip_entry.main, and `evaclip --help` through it imports no torch/open_clip/timm."""
+    script = (BIN / "evaclip").read_text()
+    assert "from evaclip_entry import main" in script, "reinstall: pip install -e ."
+    res = _run_entry(["--help"])
+    assert "Usage" in res.stdout, res.stdout + res.stderr
+    assert json.loads(res.stderr.strip().splitlines()[-1]) == {"rc": 0, "heavy": []}
 
 
 def test_completion_path_is_light():
     """A completion request answered in-process (recipe callback included) imports no torch/open_clip."""
-    code = "\n".join([
-        "import sys, json",
-        "sys.argv = ['evaclip']",
-        "from evaclip_cli.cli import main",
-        "rc = main([])",
-        f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}), file=sys.stderr)",
-    ])
     env = _env()
     env.update(_EVACLIP_COMPLETE="complete_bash", COMP_WORDS="evaclip\nestimate\n--recipe\n1", COMP_CWORD="3")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    res = _run_entry([], env)
     assert "18b" in res.stdout.split(), res.stdout + res.stderr
     info = json.loads(res.stderr.strip().splitlines()[-1])
     assert info == {"rc": 0, "heavy": []}, info
 
 
 def test_completions_module_is_light():
-    code = (f"import sys, json; import evaclip_cli.cli.completions as c; c.scripts(); "
+    code = (f"import sys, json; {AS_CONSOLE_SCRIPT}; import evaclip_cli.cli.completions as c; c.scripts(); "
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(res.stdout) == []

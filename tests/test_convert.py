@@ -1,6 +1,5 @@
 """evaclip convert: parity with the reference implementation, layouts, round trips, sharding, bad input."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

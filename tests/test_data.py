@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evaclip_cli.data.demo import make_demo
-from evaclip_cli.data.eval_sets import load_zeroshot_folder
+from evaclip_cli.data.benchmarks import image_folder_set
 from evaclip_cli.data.text import make_tokenizer
 from evaclip_cli.data.wds import build_train_loader, inspect_shards
 from evaclip_cli.errors import UserError
@@ -47,8 +47,8 @@ def test_demo_is_deterministic_and_complete(demo, tmp_path):
     with tarfile.open(demo / "val" / "shard-00000.tar") as t:
         val_imgs = {hashlib.md5(t.extractfile(m).read()).hexdigest() for m in t if m.name.endswith(".jpg")}
     assert tr and not (train_imgs & val_imgs)
-    ds, classes, templates = load_zeroshot_folder(demo / "zeroshot" / "shapes")
-    assert len(classes) == 8 and len(ds) == 24 and all("{c}" in t for t in templates)
+    es = image_folder_set(demo / "zeroshot" / "shapes")
+    assert len(es.classnames) == 8 and len(es.items) == 24 and all("{c}" in t for t in es.templates)
     # second call reuses the data
     assert make_demo(demo, n_train=600, n_val=60, per_class=3)["seconds"] == meta["seconds"]
 
@@ -158,14 +158,14 @@ def test_zeroshot_folder_errors(tmp_path):
     (tmp_path / "test" / "a").mkdir(parents=True)
     (tmp_path / "test" / "b").mkdir(parents=True)
     with pytest.raises(UserError, match="empty class"):
-        load_zeroshot_folder(tmp_path)
+        image_folder_set(tmp_path)
     from PIL import Image
 
     for c in "ab":
         Image.new("RGB", (8, 8)).save(tmp_path / "test" / c / "x.jpg")
     (tmp_path / "classnames.txt").write_text("one\n")
     with pytest.raises(UserError, match="1 class names for 2 class folders"):
-        load_zeroshot_folder(tmp_path)
+        image_folder_set(tmp_path)
 
 
 def test_sources_mixed_by_weight(demo):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from test_train import EVACLIP, env, metrics, train  # noqa: F401  (module-scoped demo data fixture)
+from helpers.runs import EVACLIP, metrics, train
 
 STUDENT = ["model.vision.width=128", "model.vision.depth=4", "model.vision.heads=4", "model.vision.mlp_dim=512"]
 
@@ -26,18 +26,10 @@ def test_block_mask_ratio_and_blocks():
     assert ((neighbours > 0) & m).sum() >= 0.9 * m.sum()
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+@pytest.fixture
+def teacher(tiny_clip_folder):
     """A tiny CLIP as an open_clip folder (random weights are enough for the mechanics)."""
-    import evaclip_cli  # noqa: F401
-    from evaclip_cli.checkpoints.folders import write_open_clip_folder
-    from evaclip_cli.models.clip import build_clip
-    from evaclip_cli.models.specs import ARCHS
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher") / "clip"
-    write_open_clip_folder(build_clip(ARCHS["tiny"]).state_dict(), ARCHS["tiny"], out)
-    return out
+    return tiny_clip_folder
 
 
 def test_distill_then_train_from_student(env, teacher, tmp_path):

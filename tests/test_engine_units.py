@@ -1,5 +1,4 @@
 """Engine pieces on their own: parameter groups, schedule, DeepSpeed config, token reduction, launching."""
-import math
 
 import pytest
 import torch

@@ -35,19 +35,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+@pytest.fixture
+def tiny_folder(tiny_clip_folder):
     """A real tiny EVA-CLIP as an open_clip folder (written by evaclip's converter)."""
-    import torch
-
-    from evaclip_cli.checkpoints.folders import write_open_clip_folder
-    from evaclip_cli.models.clip import build_clip
-    from evaclip_cli.models.specs import ARCHS
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("src") / "tiny"
-    write_open_clip_folder(build_clip(ARCHS["tiny"]).state_dict(), ARCHS["tiny"], folder)
-    return folder
+    return tiny_clip_folder
 
 
 @pytest.fixture

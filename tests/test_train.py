@@ -4,42 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, run_cli
-
-EVACLIP = [sys.executable, "-m", "evaclip_cli.cli"]
-NAN_AT = [sys.executable, str(Path(__file__).parent / "helpers" / "nan_injection.py")]  # loss made NaN at attempts
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    demo = tmp_path_factory.mktemp("demo") / "demo_data"
-    e = {**os.environ, "EVACLIP_DEMO_DIR": str(demo), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-         "PYTHONPATH": str(ROOT)}
-    from evaclip_cli.data.demo import make_demo
-
-    make_demo(demo)
-    return e
-
-
-def train(env, out, *args, check=True, timeout=600):
-    r = subprocess.run([*EVACLIP, "train", "--out", str(out), *args], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return r
-
-
-def metrics(out):
-    rows = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r for r in rows if "loss" in r], [r for r in rows if any(k.endswith("acc1") for k in r)]
-
+from helpers.runs import EVACLIP, NAN_AT, metrics, train
 
 def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     out = tmp_path / "run"

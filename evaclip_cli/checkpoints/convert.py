@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evaclip_cli.atomic import output_lock
 from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
 from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 from evaclip_cli.checkpoints.folders import write_eva_file, write_open_clip_folder, write_timm_folder
@@ -90,6 +91,12 @@ def run_convert(src, dst, src_format="auto", dst_format="open_clip", eva_config=
     fmt = detect_format(src, src_format)
     spec = resolve_spec(src, fmt, eva_config, model, recipe)
     parse_size(max_shard_size)  # validate before any work
+    with output_lock(dst):  # two converts into one DST: the second stops with one line
+        return _convert(src, dst, fmt, spec, console, dst_format, dtype, max_shard_size, vision_only, force)
+
+
+def _convert(src: Path, dst: Path, fmt: str, spec: ClipSpec, console, dst_format: str, dtype, max_shard_size,
+             vision_only: bool, force: bool) -> list[str]:
     if dst.exists() and not force:
         raise UserError(f"{dst} exists; pass --force to replace it")
     with console.status(f"reading {src} ({fmt})"):

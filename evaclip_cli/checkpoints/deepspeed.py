@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from evaclip_cli.checkpoints.io import load_state_dict
-from evaclip_cli.errors import UserError
+from evaclip_cli.errors import UserError, first_line
 
 
 def is_deepspeed_dir(path: Path) -> bool:
@@ -53,7 +53,7 @@ def load_deepspeed_state(path: Path) -> dict:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
         except Exception as e:
             raise UserError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+                            f"{first_line(e)}); is the checkpoint complete?") from None
         return dict(state)
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from evaclip_cli.errors import UserError
+from evaclip_cli.errors import UserError, first_line
 from evaclip_cli.models.openclip_compat import load_sharded_safetensors
 
 __all__ = ["load_state_dict", "load_sharded_safetensors", "unwrap", "read_json", "parse_size", "torch_dtype", "cast",
@@ -28,6 +28,8 @@ def load_state_dict(path: str | Path, mmap: bool = True) -> dict:
     if path.is_dir():
         raise UserError(f"{path}: is a directory; expected a checkpoint file (.pt/.pth/.bin/.safetensors)")
     name = path.name
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes); the download or copy did not finish: fetch it again")
     try:
         if name.endswith(".safetensors.index.json"):
             obj = load_sharded_safetensors(path)
@@ -46,8 +48,8 @@ def load_state_dict(path: str | Path, mmap: bool = True) -> dict:
     except UserError:
         raise
     except Exception as e:  # corrupt/truncated file, wrong format
-        raise UserError(f"{path}: cannot read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
+        raise UserError(f"{path}: cannot read as a checkpoint ({type(e).__name__}: {first_line(e)}); is the file "
+                        "complete?") from None
     return unwrap(obj, where=str(path))
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 from evaclip_cli.errors import UserError
 from evaclip_cli.models.loaded import OPENAI_MEAN, OPENAI_STD, LoadedClip
 
+
 def _run_source(path: Path) -> Path:
     """A run folder -> its consolidated final/ folder, else its checkpoints/ folder."""
     from evaclip_cli.checkpoints.deepspeed import is_deepspeed_dir
@@ -33,11 +34,11 @@ def _run_source(path: Path) -> Path:
 def _from_open_clip_folder(path: Path, device: str) -> LoadedClip:
     import open_clip
 
-    import evaclip_cli  # noqa: F401  (timm towers, timm_model_kwargs, sharded folders)
-
-    from evaclip_cli.models.openclip_compat import CONFIG_NAME
     from evaclip_cli.checkpoints.io import read_json
+    from evaclip_cli.models.openclip_compat import CONFIG_NAME, integrate
     from evaclip_cli.models.specs import spec_from_open_clip_cfg
+
+    integrate()  # timm towers, timm_model_kwargs, sharded folders
 
     cfg = read_json(path / CONFIG_NAME, "open_clip config")
     try:
@@ -111,8 +112,9 @@ def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None,
         return _from_state(state, spec, device, model, "eva")
     import open_clip
 
-    import evaclip_cli  # noqa: F401
+    from evaclip_cli.models.openclip_compat import integrate
 
+    integrate()
     if model not in open_clip.list_models():
         raise UserError(f"{model}: not an open_clip model name (see open_clip.list_models()) nor an evaclip model "
                         f"({', '.join(sorted(ALIASES))})")

@@ -1,34 +1,33 @@
-"""``evaclip data make-demo|inspect``."""
+"""``evaclip data make-demo | inspect``: make and inspect datasets."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(help="Make and inspect datasets.", no_args_is_help=True)
 
-
-@data_app.command("make-demo")
-def make_demo_cmd(
-    out: Path = typer.Argument(Path("demo_data"), help="Output folder."),
-    train: int = typer.Option(6400, "--train", min=1, help="Training image-text pairs."),
-    val: int = typer.Option(512, "--val", min=1, help="Held-out image-text pairs."),
-    image_size: int = typer.Option(64, "--image-size", min=16, help="Image side in pixels."),
-    per_class: int = typer.Option(40, "--per-class", min=1, help="Zero-shot eval images per class."),
-    seed: int = typer.Option(0, "--seed", help="Seed (the data is a pure function of it)."),
-    videos: int = typer.Option(1000, "--videos", min=0, help="Training video-text clips (0: none)."),
-    video_per_class: int = typer.Option(16, "--video-per-class", min=1, help="Zero-shot eval clips per class."),
-    force: bool = typer.Option(False, "--force", help="Regenerate even if the folder is current."),
+def make_demo(
+    out: Annotated[Path, typer.Argument(help="Output folder.")] = Path("demo_data"),
+    train: Annotated[int, typer.Option("--train", min=1, help="Training image-text pairs.")] = 6400,
+    val: Annotated[int, typer.Option("--val", min=1, help="Held-out image-text pairs.")] = 512,
+    image_size: Annotated[int, typer.Option("--image-size", min=16, help="Image side in pixels.")] = 64,
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Zero-shot eval images per class.")] = 40,
+    seed: Annotated[int, typer.Option("--seed", help="Seed (the data is a pure function of it).")] = 0,
+    videos: Annotated[int, typer.Option("--videos", min=0, help="Training video-text clips (0: none).")] = 1000,
+    video_per_class: Annotated[int, typer.Option("--video-per-class", min=1,
+                                                 help="Zero-shot eval clips per class.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Regenerate even if the folder is current.")] = False,
 ):
     """Write the embedded procedural demo dataset (image-text and video-text shards, zero-shot eval folders, a video
     retrieval manifest)."""
     from rich.console import Console
 
-    from evaclip_cli.data.demo import make_demo
+    from evaclip_cli.data.demo import make_demo as write_demo
 
-    meta = make_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
-                     n_videos=videos, video_per_class=video_per_class, force=force)
+    meta = write_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
+                      n_videos=videos, video_per_class=video_per_class, force=force)
     zs = ", ".join(f"{k} ({len(v['classes'])} classes)" for k, v in meta["zeroshot"].items())
     line = (f"{out}: {meta['train']['samples']} train pairs in {meta['train']['shards']} shards, "
             f"{meta['val']['samples']} held-out pairs, zero-shot sets: {zs}")
@@ -41,17 +40,16 @@ def make_demo_cmd(
     Console().print(line, soft_wrap=True)
 
 
-@data_app.command("inspect")
-def inspect_cmd(
-    shards: str = typer.Argument(..., help="Shard pattern, e.g. 'data/{00000..00099}.tar' (quote the braces)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+def inspect(
+    shards: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/{00000..00099}.tar' (quote the braces).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Count samples, extensions and corrupt samples of webdataset shards; show a few captions."""
     from rich.console import Console
     from rich.table import Table
 
-    from evaclip_cli.errors import UserError
     from evaclip_cli.data.wds import inspect_shards
+    from evaclip_cli.errors import UserError
 
     rep = inspect_shards(shards)
     if rep["shards"] == 0:

@@ -262,9 +262,9 @@ def render_video(rng: random.Random, size: int, frames: int = VIDEO_FRAMES, moti
     bg = Image.new("RGB", (size, size), tuple(base))
     d = ImageDraw.Draw(bg)
     freq = rng.uniform(0.5, 3)
-    for y in range(0, size, 4):
-        shade = int(18 * math.sin(y / size * math.pi * freq))
-        d.rectangle([0, y, size, y + 3], fill=tuple(max(0, min(255, c + shade)) for c in base))
+    for row in range(0, size, 4):
+        shade = int(18 * math.sin(row / size * math.pi * freq))
+        d.rectangle([0, row, size, row + 3], fill=tuple(max(0, min(255, c + shade)) for c in base))
     scale = rng.choice(["small", "large"])
     r0 = size * (rng.uniform(0.13, 0.16) if scale == "small" else rng.uniform(0.19, 0.23))
     lo, hi = r0 * 1.3, size - r0 * 1.3

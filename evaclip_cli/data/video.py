@@ -20,107 +20,24 @@ the zero-shot video eval sets.
 from __future__ import annotations
 
 import csv
-import io
 import random
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator
 
+from evaclip_cli.data.decode import VideoError, frame_indices, read_clip
+from evaclip_cli.data.wds import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    StreamDataset,
+    derive_seed,
+    log,
+    rrc_params,
+)
 from evaclip_cli.errors import UserError
-from evaclip_cli.data.wds import CLIP_MEAN, CLIP_STD, IMAGE_EXTS, VIDEO_EXTS, StreamDataset, log, rrc_params
+
 CSV_UNIT = 256  # manifest rows per unit (the CSV counterpart of a shard)
-
-
-class VideoError(Exception):
-    """A clip that cannot be used: unreadable container or stream, no frames."""
-
-
-# ------------------------------------------------------------------------------------------------------ sampling
-def frame_indices(n: int, frames: int, mode: str = "uniform", rng: Optional[random.Random] = None) -> list[int]:
-    """Frame numbers to decode from a clip of ``n`` frames.
-
-    ``uniform``: the centres of ``frames`` equal segments; ``jitter``: a random frame inside each segment (``rng``);
-    ``middle``: the middle frame only (the paper's single-frame protocol). Clips shorter than ``frames`` repeat
-    frames, so every clip yields the same count."""
-    if n <= 0:
-        raise VideoError("the video has no frames")
-    if mode == "middle":
-        return [n // 2]
-    if frames <= 0:
-        raise ValueError("frames must be positive")
-    seg = n / frames
-    if mode == "jitter":
-        rng = rng or random.Random()
-        return [min(n - 1, int(seg * i + rng.random() * seg)) for i in range(frames)]
-    if mode == "uniform":
-        return [min(n - 1, int(seg * (i + 0.5))) for i in range(frames)]
-    raise ValueError(f"unknown sampling mode {mode!r}")
-
-
-# ------------------------------------------------------------------------------------------------------ decoding
-def check_container(head: bytes, size: int, tail: Optional[bytes] = None) -> None:
-    """Structural checks decord needs before it is safe to open a file: its FFmpeg AVI path crashes the process
-    (SIGSEGV, not an exception) on a truncated AVI or one without an ``idx1`` index, so those are refused here, and
-    MP4 boxes that run past the end of the file (a cut download) are reported as such. ``head``: the first bytes
-    (64 KiB is enough), ``tail``: the last bytes (AVI keeps its index there; default: ``head``), ``size``: the
-    file's length."""
-    import struct
-
-    if size == 0:
-        raise VideoError("empty file")
-    tail = head if tail is None else tail
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        declared = struct.unpack("<I", head[4:8])[0] + 8
-        if declared > size:
-            raise VideoError(f"truncated AVI ({size} of {declared} bytes)")
-        if b"idx1" not in tail:
-            raise VideoError("AVI without an idx1 index (not supported by the decoder)")
-    elif head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):  # ISO media (mp4/mov)
-        pos = 0
-        while pos + 8 <= len(head):
-            box = struct.unpack(">I", head[pos:pos + 4])[0]
-            if box == 1 and pos + 16 <= len(head):
-                box = struct.unpack(">Q", head[pos + 8:pos + 16])[0]
-            elif box == 0:  # to the end of the file
-                break
-            if box < 8 or pos + box > size:
-                raise VideoError(f"truncated or damaged MP4 (the box at byte {pos} runs past the end)")
-            pos += box
-
-
-def read_clip(src, pick: Callable[[int], Sequence[int]]):
-    """Decode the frames ``pick(n_frames)`` of a video (a path or the file's bytes) with decord: uint8 array
-    [T, H, W, 3]. Raises VideoError for anything that is not a readable, non-empty video."""
-    import decord
-
-    decord.bridge.set_bridge("native")
-    if isinstance(src, (str, Path)):
-        try:
-            size = Path(src).stat().st_size
-            with open(src, "rb") as fh:
-                head = fh.read(1 << 16)
-                fh.seek(max(0, size - (1 << 20)))
-                tail = fh.read() if head[:4] == b"RIFF" else None
-        except OSError as e:
-            raise VideoError(f"cannot read ({e.strerror})") from None
-        check_container(head, size, tail)
-    else:
-        check_container(src[:1 << 16], len(src), src[-(1 << 20):])
-    try:
-        source = str(src) if isinstance(src, (str, Path)) else io.BytesIO(src)
-        vr = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:  # DECORDError, RuntimeError, ...: not a video decord can open
-        raise VideoError(f"cannot open: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    try:
-        n = len(vr)
-        idx = list(pick(n))
-        frames = vr.get_batch(idx).asnumpy()
-    except VideoError:
-        raise
-    except Exception as e:
-        raise VideoError(f"cannot decode: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[1] == 0 or frames.shape[2] == 0:
-        raise VideoError(f"decoded {tuple(frames.shape)} for {len(idx)} frames")
-    return frames
 
 
 def _to_tensor(frames):
@@ -237,7 +154,7 @@ class VideoStreamDataset(StreamDataset):
     def __init__(self, sources, *args, frames: int = 8, jitter: bool = True, **kw):
         units = []
         for shards, weight in sources:
-            expanded = []
+            expanded: list[str] = []
             for s in shards:
                 expanded.extend(_csv_units(s) if s.lower().endswith(".csv") else [s])
             units.append((expanded, weight))
@@ -327,17 +244,7 @@ class VideoStreamDataset(StreamDataset):
             return
         import copy
 
-        import numpy as np
-        import torch
-        from torch.utils.data import get_worker_info
-
-        from evaclip_cli.data.wds import COUNTERS, _seed
-
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        stream = self.rank * self.workers + (worker + self.rotate) % self.workers
-        counters = dict(self.start.get("counters", {}).get(str(stream), {k: 0 for k in COUNTERS}))
-        torch.set_num_threads(1)
+        stream, counters = self._open_stream()
         n = len(self.sources)
         start = self.start.get(str(stream)) or [0] * (1 + 2 * n)
         if len(start) != 1 + 2 * n:
@@ -348,30 +255,21 @@ class VideoStreamDataset(StreamDataset):
         for j, (shards, weight) in enumerate(self.sources):
             child = copy.copy(self)
             child.sources, child.all_shards = [(shards, weight)], list(shards)
-            child.seed = _seed(self.seed, "source", j)
+            child.seed = derive_seed(self.seed, "source", j)
             child.start = {str(stream): cur[j]}
             subs.append(child._samples(stream, counters))
         weights = [w for _, w in self.sources]
-        items, captions = [], []
-        while True:
-            j = random.Random(_seed(self.seed, "mix", stream, k)).choices(range(n), weights=weights)[0]
-            k += 1
-            unit, upos, member, raw = next(subs[j])
-            cur[j] = [unit, upos]
-            counters["samples"] += 1
-            item = self._decode(raw, random.Random(_seed(self.seed, "aug", stream, j, unit, member)), counters)
-            if item is None:
-                continue
-            items.append(item[0])
-            captions.append(item[1])
-            if len(items) == self.micro_batch:
-                pos = [k] + [x for c in cur for x in c]
-                batch = {**self._collate(items), "stream": stream, "pos": pos, "counters": dict(counters)}
-                if self.tokenizer is not None:
-                    batch["text"] = self.tokenizer(captions, np.random.default_rng(_seed(self.seed, "text", stream,
-                                                                                         *pos)))
-                yield batch
-                items, captions = [], []
+
+        def mixed():
+            nonlocal k
+            while True:
+                j = random.Random(derive_seed(self.seed, "mix", stream, k)).choices(range(n), weights=weights)[0]
+                k += 1
+                unit, upos, member, raw = next(subs[j])
+                cur[j] = [unit, upos]
+                yield (j, unit, member), [k] + [x for c in cur for x in c], raw
+
+        yield from self._batches(stream, counters, mixed())
 
 
 def build_video_loader(sources, frames: int, jitter: bool, **kw):

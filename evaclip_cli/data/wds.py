@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import math
 import random
 import tarfile
@@ -38,16 +39,18 @@ VIDEO_EXTS = ("mp4", "webm", "avi", "mkv", "mov")  # what the video stage reads 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 COUNTERS = ("samples", "skipped_corrupt", "skipped_missing", "shard_errors")
+MAX_SKIPPED_IN_A_ROW = 1000  # skipped samples in a row, none usable: the data cannot be what the recipe expects
+_WARNED: set[str] = set()  # shards already named in a warning (this process)
 
 
-def _seed(*parts) -> int:
+def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 def expand_shards(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
-    out = []
+    out: list[str] = []
     for part in str(pattern).split("::"):
         out.extend(braceexpand(part.strip()))
     return out
@@ -98,7 +101,10 @@ def iter_members(url: str, counters: dict) -> Iterator[dict]:
                     raise tarfile.ReadError(f"truncated after byte {tar.offset} (no end-of-archive marker)")
     except (tarfile.TarError, OSError, EOFError) as e:
         counters["shard_errors"] += 1
-        log.warning("shard %s: %s (rest of the shard skipped)", url, e)
+        if url not in _WARNED:  # named once per process, however often a resampled stream draws it
+            _WARNED.add(url)
+            what = "not a tar file" if "invalid header" in str(e) or "bad checksum" in str(e) else str(e)
+            log.warning("shard %s: %s (skipped; counted in shard_errors)", url, what)
     if current:
         yield current
 
@@ -124,12 +130,43 @@ def rrc_params(rng: random.Random, width: int, height: int, scale, ratio=(3 / 4,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+class DataError(Exception):
+    """The data cannot be trained on (nothing usable, every shard unreadable): raised in a DataLoader worker, it
+    reaches the main process as a ``UserError`` with this one line (``TrainLoader``)."""
+
+
+def caption_of(raw: dict, spec: str) -> Optional[str]:
+    """The caption of a raw sample: ``spec`` is a member extension (``txt``, the default; ``caption``) or
+    ``json:FIELD`` (a field of the ``.json`` member, dots for nesting: ``json:meta.caption``). None when absent."""
+    if spec.startswith("json:"):
+        if "json" not in raw:
+            return None
+        import json
+
+        obj = json.loads(raw["json"].decode("utf-8"))
+        for part in spec[5:].split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                return None
+            obj = obj[part]
+        return None if obj is None else str(obj).strip()
+    data = raw.get(spec)
+    return None if data is None else data.decode("utf-8").strip()
+
+
+def _parent_gone(parent: Optional[int]) -> bool:
+    """True in a DataLoader worker whose main process has died (it was re-parented)."""
+    import os
+
+    return parent is not None and os.getppid() != parent
+
+
 class StreamDataset:
     """The per-worker stream (an IterableDataset; see the module docstring)."""
 
     def __init__(self, sources: list[tuple[list[str], float]], image_size: int, micro_batch: int, tokenizer,
                  seed: int, rank: int, world_size: int, workers: int, resampled: bool, shuffle_buffer: int,
-                 scale, interpolation: str, hflip: bool, start: Optional[dict], rotate: int):
+                 scale, interpolation: str, hflip: bool, start: Optional[dict], rotate: int,
+                 captions: Optional[dict[str, str]] = None, max_skipped: int = MAX_SKIPPED_IN_A_ROW):
         self.sources, self.image_size, self.micro_batch = sources, image_size, micro_batch
         self.tokenizer, self.seed, self.rank, self.world_size = tokenizer, seed, rank, world_size
         self.workers, self.resampled, self.block = max(1, workers), resampled, max(1, shuffle_buffer)
@@ -137,13 +174,15 @@ class StreamDataset:
         self.start = start or {}
         self.rotate = rotate
         self.all_shards = [s for shards, _ in sources for s in shards]
+        self.captions = captions or {}  # shard -> caption spec (see caption_of); default "txt"
+        self.max_skipped = max_skipped
 
     # ---- unit schedule ---------------------------------------------------------------------------------------
     def _unit(self, stream: int, u: int) -> tuple[str, Optional[tuple[int, int]]]:
         """(shard url, member filter (modulus, residue) or None) of unit u of a stream."""
         n_streams = self.world_size * self.workers
         if self.resampled:
-            rng = random.Random(_seed(self.seed, "unit", stream, u))
+            rng = random.Random(derive_seed(self.seed, "unit", stream, u))
             weights = [w for _, w in self.sources]
             shards, _ = self.sources[rng.choices(range(len(self.sources)), weights=weights)[0]]
             return shards[rng.randrange(len(shards))], None
@@ -152,18 +191,18 @@ class StreamDataset:
             per_epoch = len(range(stream, n, n_streams))
             epoch, i = divmod(u, per_epoch)
             order = list(range(n))
-            random.Random(_seed(self.seed, "epoch", epoch)).shuffle(order)
+            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
             return self.all_shards[order[stream + n_streams * i]], None
         epoch, i = divmod(u, n)
         order = list(range(n))
-        random.Random(_seed(self.seed, "epoch", epoch)).shuffle(order)
+        random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
         return self.all_shards[order[i]], (n_streams, stream)
 
     # ---- samples ---------------------------------------------------------------------------------------------
     def _samples(self, stream: int, counters: dict):
         """(unit, index in unit, member index, raw sample) in yield order, from the stream's start position."""
         unit, offset = self.start.get(str(stream), [0, 0])
-        empty_run = 0
+        empty_run, dead = 0, set()
         while True:
             url, filt = self._unit(stream, unit)
             members = self._members(url, counters)
@@ -181,15 +220,23 @@ class StreamDataset:
                     break
                 got_any = True
                 order = list(range(len(block)))
-                random.Random(_seed(self.seed, "shuffle", stream, unit, block_idx)).shuffle(order)
+                random.Random(derive_seed(self.seed, "shuffle", stream, unit, block_idx)).shuffle(order)
                 for j in order:
                     if pos >= offset:
+                        block[j]["__url__"] = url
                         yield unit, pos + 1, block_idx * self.block + j, block[j]
                     pos += 1
                 block_idx += 1
-            empty_run = 0 if got_any else empty_run + 1
-            if empty_run >= 1000:
-                raise RuntimeError(f"stream {stream}: 1000 shards in a row without a readable sample")
+            if got_any:
+                empty_run, dead = 0, set()
+            else:
+                empty_run += 1
+                dead.add(url)
+                if len(dead) >= len(self.all_shards) or empty_run >= 1000:
+                    raise DataError(
+                        f"none of the {len(self.all_shards)} shard(s) yields a sample (first: {self.all_shards[0]}); "
+                        "each is unreadable or empty: check that the files are webdataset .tar shards "
+                        "(`evaclip data inspect PATTERN` lists what it finds)")
             unit, offset = unit + 1, 0
 
     def _members(self, url: str, counters: dict) -> Iterator[dict]:
@@ -206,21 +253,24 @@ class StreamDataset:
         from PIL import Image
         from torchvision.transforms import functional as TF
 
+        from evaclip_cli.data.images import to_rgb8
+
         need_text = self.tokenizer is not None  # image-only stages (distill) ignore captions
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None or (need_text and "txt" not in raw):
+        try:
+            caption = caption_of(raw, self.captions.get(raw.get("__url__", ""), "txt")) if need_text else "-"
+        except (ValueError, UnicodeDecodeError):
+            counters["skipped_corrupt"] += 1
+            return None
+        if ext is None or not caption:
             counters["skipped_missing"] += 1
             return None
         try:
             with Image.open(io.BytesIO(raw[ext])) as im:
                 im.load()
-                img = im.convert("RGB")
-            caption = raw["txt"].decode("utf-8").strip() if need_text else "-"
+                img = to_rgb8(im)
         except Exception:
             counters["skipped_corrupt"] += 1
-            return None
-        if not caption:
-            counters["skipped_missing"] += 1
             return None
         i, j, h, w = rrc_params(rng, img.width, img.height, self.scale)
         interp = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
@@ -231,34 +281,76 @@ class StreamDataset:
         t = TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
         return t, caption
 
-    def __iter__(self):
-        import numpy as np
+    # ---- the stream a worker serves --------------------------------------------------------------------------
+    def _open_stream(self) -> tuple[int, dict]:
+        """This worker's stream id and its counters (resumed from the start state): every ``__iter__`` begins so."""
         import torch
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        local = (worker + self.rotate) % self.workers
-        stream = self.rank * self.workers + local
+        stream = self.rank * self.workers + (worker + self.rotate) % self.workers
         counters = dict(self.start.get("counters", {}).get(str(stream), {k: 0 for k in COUNTERS}))
         torch.set_num_threads(1)
-        images, captions, pos = [], [], None
-        for unit, upos, member, raw in self._samples(stream, counters):
-            counters["samples"] += 1
-            rng = random.Random(_seed(self.seed, "aug", stream, unit, member))
-            item = self._decode(raw, rng, counters)
-            pos = [unit, upos]
-            if item is None:
-                continue
-            images.append(item[0])
-            captions.append(item[1])
-            if len(images) == self.micro_batch:
-                batch = {**self._collate(images), "stream": stream, "pos": list(pos), "counters": dict(counters)}
-                if self.tokenizer is not None:
-                    trng = np.random.default_rng(_seed(self.seed, "text", stream, *pos))
-                    batch["text"] = self.tokenizer(captions, trng)
-                yield batch
-                images, captions = [], []
+        self._parent = os.getppid() if info is not None else None  # a worker exits when the main process dies
+        return stream, counters
+
+    def _batches(self, stream: int, counters: dict, samples) -> Iterator[dict]:
+        """Decode ``samples`` ((augmentation seed parts, position after the sample, raw sample) in stream order)
+        into micro batches; each batch carries the position after its last sample and the counters, so a
+        checkpoint resumes exactly after it. Every stream kind ends here."""
+        import numpy as np
+
+        items, captions = [], []
+        skipped_run, seen = 0, {}  # samples skipped since the last usable one, and their member extensions
+        try:
+            for aug_key, pos, raw in samples:
+                counters["samples"] += 1
+                item = self._decode(raw, random.Random(derive_seed(self.seed, "aug", stream, *aug_key)), counters)
+                if item is None:
+                    skipped_run += 1
+                    for e in raw:
+                        if not e.startswith("__"):
+                            seen[e] = seen.get(e, 0) + 1
+                    if skipped_run >= self.max_skipped:
+                        raise DataError(self._nothing_usable(skipped_run, seen, raw))
+                    if skipped_run % 64 == 0 and _parent_gone(self._parent):
+                        os._exit(1)
+                    continue
+                skipped_run, seen = 0, {}
+                items.append(item[0])
+                captions.append(item[1])
+                if len(items) == self.micro_batch:
+                    batch = {**self._collate(items), "stream": stream, "pos": list(pos), "counters": dict(counters)}
+                    if self.tokenizer is not None:
+                        trng = np.random.default_rng(derive_seed(self.seed, "text", stream, *pos))
+                        batch["text"] = self.tokenizer(captions, trng)
+                    if _parent_gone(self._parent):
+                        os._exit(1)
+                    yield batch
+                    items, captions = [], []
+        except DataError as e:  # one line for the user, from whichever process reads the data
+            yield {"__error__": str(e)}
+
+    def _nothing_usable(self, n: int, seen: dict, last: dict) -> str:
+        """The one line for a stream that skipped ``n`` samples in a row: what was looked for, what was found."""
+        spec = self.captions.get(last.get("__url__", ""), "txt")
+        want = f"an image ({'/'.join(IMAGE_EXTS)}) and a caption in '{spec}'" if self.tokenizer is not None \
+            else f"an image ({'/'.join(IMAGE_EXTS)})"
+        found = ", ".join(f".{e} {c}" for e, c in sorted(seen.items(), key=lambda kv: -kv[1])) or "no members"
+        hint = ""
+        if self.tokenizer is not None and spec == "txt" and "txt" not in seen and "json" in seen:
+            hint = ("; captions inside the .json member (as img2dataset writes them) are read with caption = "
+                    "\"json:caption\" on the data.train source")
+        elif self.tokenizer is not None and spec != "txt":
+            hint = f"; check the source's caption = \"{spec}\""
+        return (f"{n} samples in a row without a usable one (shard {last.get('__url__', '?')}): looked for {want}, "
+                f"found {found}{hint}")
+
+    def __iter__(self):
+        stream, counters = self._open_stream()
+        samples = (((unit, member), [unit, upos], raw) for unit, upos, member, raw in self._samples(stream, counters))
+        yield from self._batches(stream, counters, samples)
 
 
 class TrainLoader:
@@ -268,7 +360,7 @@ class TrainLoader:
         import torch
 
         self.dataset, self.workers = dataset, max(1, workers)
-        self.state = {"batches": 0, "streams": {}, "counters": {}}
+        self.state: dict[str, Any] = {"batches": 0, "streams": {}, "counters": {}}
         if state:
             self.state = {"batches": int(state["batches"]), "streams": dict(state["streams"]),
                           "counters": dict(state.get("counters", {}))}
@@ -277,7 +369,10 @@ class TrainLoader:
             prefetch_factor=4 if workers > 0 else None, pin_memory=False)
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self.loader:
+            if "__error__" in batch:  # a worker found the data unusable (DataError): one line, exit 2
+                raise UserError(batch["__error__"])
+            yield batch
 
     def consumed(self, batch: dict) -> None:
         s = str(batch["stream"])
@@ -300,11 +395,17 @@ class TrainLoader:
 def build_train_loader(sources, image_size: int, micro_batch: int, workers: int, tokenizer, seed: int = 0,
                        rank: int = 0, world_size: int = 1, resampled: bool = True, shuffle_buffer: int = 1000,
                        scale=(0.9, 1.0), interpolation: str = "bicubic", hflip: bool = False,
-                       start_state: Optional[dict] = None, dataset_cls=None, **dataset_kwargs) -> TrainLoader:
-    """``dataset_cls`` (a StreamDataset subclass, e.g. the video one) gets ``dataset_kwargs`` as well."""
+                       start_state: Optional[dict] = None, dataset_cls=None,
+                       max_skipped: int = MAX_SKIPPED_IN_A_ROW, **dataset_kwargs) -> TrainLoader:
+    """``sources``: recipe ``Source`` entries (shards, weight, caption). ``dataset_cls`` (a StreamDataset subclass,
+    e.g. the video one) gets ``dataset_kwargs`` as well."""
     expanded = []
+    captions: dict[str, str] = {}
     for src in sources:
         shards = expand_shards(src.shards)
+        spec = getattr(src, "caption", "txt") or "txt"
+        if spec != "txt":
+            captions.update({s: spec for s in shards})
         local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
         missing = [s for s in local if not Path(s).is_file()]
         if local and len(missing) == len(local):
@@ -329,7 +430,7 @@ def build_train_loader(sources, image_size: int, micro_batch: int, workers: int,
         rotate = int(start_state["batches"]) % nworkers
     ds = (dataset_cls or StreamDataset)(expanded, image_size, micro_batch, tokenizer, seed, rank, world_size, nworkers,
                                         resampled, shuffle_buffer, scale, interpolation, hflip, start, rotate,
-                                        **dataset_kwargs)
+                                        captions=captions, max_skipped=max_skipped, **dataset_kwargs)
     return TrainLoader(_Iterable(ds), workers, start_state)
 
 
@@ -350,7 +451,8 @@ def inspect_shards(pattern: str, max_captions: int = 5) -> dict[str, Any]:
     shards = expand_shards(pattern)
     counters = {k: 0 for k in COUNTERS}
     exts: dict[str, int] = {}
-    captions, sizes = [], []
+    captions: list[str] = []
+    sizes: list[tuple[int, int]] = []
     per_shard = []
     for url in shards:
         if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
@@ -370,7 +472,7 @@ def inspect_shards(pattern: str, max_captions: int = 5) -> dict[str, Any]:
                 continue
             try:
                 if vext is not None:  # a video sample: decodable (first frame) with the training decoder
-                    from evaclip_cli.data.video import read_clip
+                    from evaclip_cli.data.decode import read_clip
 
                     frame = read_clip(raw[vext], lambda n: [0])
                     sizes.append((frame.shape[2], frame.shape[1]))

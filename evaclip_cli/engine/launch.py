@@ -1,31 +1,117 @@
 """Launching a stage: in this process, on N local processes (torchrun), on many nodes (DeepSpeed's launcher with a
 hostfile, or torchrun per node), or as a Slurm batch script.
 
+``plan`` decides and does nothing: it reads no environment variable, binds no port, writes no file and starts no
+process; whatever it needs from outside (is this process already a launcher's rank? which port is free?) is passed
+in. ``execute`` carries a plan out. The CLI's ``train``, ``distill`` and ``finetune-video`` all go through both, and
+the ``eval`` commands through ``plan_eval``.
+
 The child processes run ``python -m evaclip_cli.cli <stage> ...`` with the same arguments minus the launcher ones,
 so every rank parses the same recipe and overrides.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from evaclip_cli.engine.config import accumulation_steps
 from evaclip_cli.errors import UserError
 
 LAUNCH_FLAGS_WITH_VALUE = ("--nproc", "--nodes", "--node-rank", "--master-addr", "--master-port", "--hostfile",
                            "--launcher")
 LAUNCH_FLAGS_BOOL = ("--dry-run",)
+LAUNCHERS = ("torchrun", "deepspeed", "slurm")
+STAGE_COMMANDS = {"train": "train", "distill": "distill", "video": "finetune-video"}  # recipe stage -> command
+DEFAULT_PORT = 29500  # multi-node rendezvous port when --master-port is not given
 
 
-def under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+# ------------------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The launcher options of a training command, as parsed (``--nproc`` ... ``--dry-run``)."""
+
+    nproc: int = 1
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    hostfile: Optional[Path] = None
+    launcher: Optional[str] = None  # one of LAUNCHERS; None: torchrun when more than one process
+    dry_run: bool = False
+
+    def __post_init__(self):
+        if self.launcher is not None and self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nodes
 
 
-def strip_launch_args(argv: list[str]) -> list[str]:
+# -------------------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class RunHere:
+    """Run in this process: a single process, or one rank a launcher already started."""
+
+    out_dir: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class Torchrun:
+    """Re-run this command on N processes per node with ``torch.distributed.run`` (``args``: its arguments)."""
+
+    args: tuple[str, ...]
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        return ("torchrun", *self.args)
+
+
+@dataclass(frozen=True)
+class DeepSpeedLauncher:
+    """Start DeepSpeed's launcher on every host of a hostfile (``command``: the whole command line)."""
+
+    command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sbatch:
+    """Write a Slurm batch script to ``path`` (the user submits it)."""
+
+    path: Path
+    script: str
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """Print what ``target`` would do, run nothing: the resolved recipe, the command and the batch arithmetic
+    (for a batch script: the script itself)."""
+
+    target: Union[RunHere, Torchrun, DeepSpeedLauncher, Sbatch]
+    title: str = ""
+    recipe_toml: str = ""
+    command: tuple[str, ...] = ()
+    summary: str = ""
+
+
+Plan = Union[RunHere, Torchrun, DeepSpeedLauncher, Sbatch, DryRun]
+
+
+# ------------------------------------------------------------------------------------------- argument builders
+def under_launcher(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` is that of a rank a launcher started (torchrun/deepspeed: LOCAL_RANK; mpirun)."""
+    return "LOCAL_RANK" in environ or "OMPI_COMM_WORLD_RANK" in environ
+
+
+def strip_launch_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the launcher options (``--nproc 2``, ``--master-port=1234``, ``--dry-run`` ...): what every
+    rank runs."""
     out, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -39,25 +125,38 @@ def strip_launch_args(argv: list[str]) -> list[str]:
     return out
 
 
-def child_argv(stage_argv: list[str]) -> list[str]:
+def child_argv(stage_argv: Sequence[str]) -> list[str]:
     return ["-m", "evaclip_cli.cli", *strip_launch_args(stage_argv)]
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (binds a socket: pass it to ``plan``, never call it there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun_args(nproc: int, nodes: int, node_rank: int, master_addr: Optional[str], master_port: Optional[int],
-                  stage_argv: list[str]) -> list[str]:
+                  stage_argv: Sequence[str], free_port: Callable[[], int] = free_port,
+                  python: str = sys.executable) -> list[str]:
+    """Arguments of ``torch.distributed.run`` for this command on ``nproc`` processes per node. ``free_port`` is
+    called for a single node without ``master_port`` only."""
     args = [f"--nproc_per_node={nproc}", f"--nnodes={nodes}"]
     if nodes > 1:
         if not master_addr:
             raise UserError("--nodes > 1 needs --master-addr (the address of node 0) and --node-rank")
-        args += [f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port or 29500}"]
+        args += [f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+                 f"--master_port={master_port or DEFAULT_PORT}"]
     else:
-        from evaclip_cli.engine.dist import _free_port
-
-        args += ["--master_addr=127.0.0.1", f"--master_port={master_port or _free_port()}"]
-    return [*args, "--no-python", sys.executable, *child_argv(stage_argv)]
+        args += ["--master_addr=127.0.0.1", f"--master_port={master_port or free_port()}"]
+    return [*args, "--no-python", python, *child_argv(stage_argv)]
 
 
-def deepspeed_args(hostfile: Path, nproc: Optional[int], master_addr: Optional[str], stage_argv) -> list[str]:
+def deepspeed_args(hostfile: Path, nproc: Optional[int], master_addr: Optional[str],
+                   stage_argv: Sequence[str]) -> list[str]:
+    """DeepSpeed's launcher command for a hostfile (which must exist)."""
     if not hostfile.is_file():
         raise UserError(f"--hostfile {hostfile}: no such file (lines like 'node1 slots=8')")
     args = ["deepspeed", "--hostfile", str(hostfile), "--no_local_rank"]
@@ -68,9 +167,9 @@ def deepspeed_args(hostfile: Path, nproc: Optional[int], master_addr: Optional[s
     return [*args, "--module", "evaclip_cli.cli", *strip_launch_args(stage_argv)]
 
 
-def slurm_script(job: str, nodes: int, nproc: int, out_dir: Path, stage_argv: list[str],
-                 time_limit: str = "72:00:00") -> str:
-    child = " ".join(shlex.quote(a) for a in [sys.executable, *child_argv(stage_argv)])
+def slurm_script(job: str, nodes: int, nproc: int, out_dir: Path, stage_argv: Sequence[str],
+                 time_limit: str = "72:00:00", python: str = sys.executable) -> str:
+    child = " ".join(shlex.quote(a) for a in [python, *child_argv(stage_argv)])
     return f"""#!/bin/bash
 #SBATCH --job-name={job}
 #SBATCH --nodes={nodes}
@@ -88,6 +187,104 @@ srun --kill-on-bad-exit=1 torchrun \\
   --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT \\
   --no-python {child} --resume auto
 """
+
+
+# -------------------------------------------------------------------------------------------------------- plan
+def check_stage(stage: str, recipe_stage: str, recipe_ref: str) -> None:
+    """A recipe runs with its own stage's command only."""
+    if stage != recipe_stage:
+        raise UserError(f"recipe '{recipe_ref}' is a '{recipe_stage}' recipe; run it with `evaclip "
+                        f"{STAGE_COMMANDS[recipe_stage]} ...`")
+
+
+def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe_ref: str,
+         out: Optional[Path] = None, under_launcher: bool, free_port: Callable[[], int],
+         python: str = sys.executable) -> Plan:
+    """How to run training stage ``stage`` ('train', 'distill' or 'video') of the resolved ``recipe``.
+
+    ``argv`` is this command line (command name first, as typed after ``evaclip``): what the children re-run,
+    minus the launcher options. ``recipe_ref`` is the recipe as the user named it (messages, dry-run title);
+    ``out`` the ``--out`` folder, if given. ``under_launcher``: this process is a rank a launcher started (then
+    it runs here, whatever the options). ``free_port`` picks the rendezvous port of a single-node torchrun that
+    has no ``--master-port``.
+
+    Precedence: ``--launcher slurm``; then ``--dry-run``; then under a launcher -> run here; then ``--launcher
+    deepspeed`` or ``--hostfile`` -> DeepSpeed's launcher; more than one process -> torchrun; else run here.
+    Raises UserError for a recipe of another stage, a global batch the processes cannot split, ``--nodes > 1``
+    without ``--master-addr``, or a hostfile that does not exist.
+    """
+    check_stage(stage, recipe.stage, recipe_ref)
+    out_dir = Path(out) if out else recipe.out_dir()
+    argv = list(argv)
+    world = opts.world
+    accum = accumulation_steps(recipe.data.global_batch, recipe.data.micro_batch, world)
+    if opts.launcher == "slurm":
+        sbatch = Sbatch(out_dir / "launch.sbatch", slurm_script(recipe.name, opts.nodes, opts.nproc, out_dir, argv,
+                                                                python=python))
+        return DryRun(sbatch) if opts.dry_run else sbatch
+    if not opts.dry_run and under_launcher:
+        return RunHere(out_dir)
+    target: Union[RunHere, Torchrun, DeepSpeedLauncher]
+    if opts.launcher == "deepspeed" or opts.hostfile:
+        target = DeepSpeedLauncher(tuple(deepspeed_args(Path(opts.hostfile) if opts.hostfile else Path("hostfile"),
+                                                        opts.nproc, opts.master_addr, argv)))
+        command = target.command
+    elif world > 1:
+        target = Torchrun(tuple(torchrun_args(opts.nproc, opts.nodes, opts.node_rank, opts.master_addr,
+                                              opts.master_port, argv, free_port=free_port, python=python)))
+        command = target.command
+    else:
+        target = RunHere(out_dir)
+        command = ("evaclip", *strip_launch_args(argv))
+    if not opts.dry_run:
+        return target
+    from evaclip_cli.recipes import recipe_to_toml
+
+    return DryRun(target, title=f"evaclip {STAGE_COMMANDS[stage]} --recipe {recipe_ref} (dry run)",
+                  recipe_toml=recipe_to_toml(recipe), command=tuple(command),
+                  summary=f"{world} process(es) × micro batch {recipe.data.micro_batch} × accumulation {accum} = "
+                          f"global batch {recipe.data.global_batch}; {recipe.steps:,} steps; output {out_dir}")
+
+
+def plan_eval(nproc: int, argv: Sequence[str], *, environ: Mapping[str, str], free_port: Callable[[], int],
+              python: str = sys.executable) -> Union[RunHere, Torchrun]:
+    """An eval command: data-parallel on ``nproc`` local processes (torchrun) unless this already is a rank."""
+    if nproc > 1 and "LOCAL_RANK" not in environ:
+        return Torchrun(tuple(torchrun_args(nproc, 1, 0, None, None, argv, free_port=free_port, python=python)))
+    return RunHere()
+
+
+# ----------------------------------------------------------------------------------------------------- execute
+def execute(p: Plan) -> int:
+    """Carry out a plan other than RunHere (which the caller runs itself): print, write or launch. Returns the
+    exit code (of the launcher, for Torchrun and DeepSpeedLauncher)."""
+    if isinstance(p, RunHere):
+        raise TypeError("RunHere is run by the caller, in this process")
+    if isinstance(p, Torchrun):
+        return run_torchrun(list(p.args))
+    if isinstance(p, DeepSpeedLauncher):
+        import subprocess
+
+        return subprocess.call(list(p.command))
+    from rich.console import Console
+
+    console = Console()
+    if isinstance(p, Sbatch):
+        p.path.parent.mkdir(parents=True, exist_ok=True)
+        p.path.write_text(p.script)
+        console.print(f"wrote {p.path}: submit it with [bold]sbatch {p.path}[/bold]")
+        return 0
+    if isinstance(p, DryRun):
+        if isinstance(p.target, Sbatch):
+            print(p.target.script, flush=True)
+            return 0
+        console.rule(p.title)
+        print(p.recipe_toml, end="", flush=True)
+        console.rule()
+        print(shlex.join(p.command), flush=True)
+        console.print(p.summary)
+        return 0
+    raise TypeError(f"not a launch plan: {p!r}")
 
 
 def run_torchrun(args: list[str]) -> int:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from evaclip_cli import atomic
 from evaclip_cli.engine.stage import Context, Stage
@@ -103,7 +102,6 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
 
 def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
     """Train ``stage`` under ``recipe``; returns the final metrics (on every rank)."""
-    import torch
     from rich.console import Console
 
     info = dist.setup()
@@ -119,11 +117,33 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
     ctx = Context(recipe=recipe, out_dir=out_dir, info=info, ds_config=ds_cfg, total_steps=total_steps,
                   accum=ds_cfg["gradient_accumulation_steps"],
                   zero_init=recipe.deepspeed.zero_stage == 3 and recipe.deepspeed.zero_init, console=console)
+    # the run folder: writable and ours alone (an OS lock that dies with this process), checked before any model is
+    # built; rank 0 decides, every rank stops together
+    lock, problem = None, None
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = atomic.run_lock(out_dir).acquire()
+        except OSError as e:
+            problem = f"cannot write {out_dir}: {atomic.cannot(e, out_dir)}"
+        except UserError as e:
+            problem = str(e)
+    if dist.any_true(problem is not None):
+        raise UserError(problem or "rank 0 cannot use the run folder")
+    try:
+        return _run(recipe, stage, ctx, resume, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool) -> dict:
+    import torch
+
+    info, out_dir, console, total_steps = ctx.info, ctx.out_dir, ctx.console, ctx.total_steps
+    ds_cfg = ctx.ds_config
     ckpt_dir = out_dir / "checkpoints"
-    resume_from = ckpt.find_resume(resume, ckpt_dir)
+    resume_from = ckpt.find_resume(resume, ckpt_dir, log=lambda line: ctx.print(line, soft_wrap=True))
     if resume is None and ckpt.list_complete(ckpt_dir):
         last = ckpt.list_complete(ckpt_dir)[-1][0]
         raise UserError(f"{out_dir} already holds checkpoints of a run (up to step {last}); pass --resume auto to "
@@ -161,7 +181,7 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
         counters = dict(client.get("counters", counters))
         data_state = client["data_states"][info.rank]
         ckpt.set_rng_state(client["rng_states"][info.rank])
-        ctx.print(f"resumed from {root / tag} at step {start_step}")
+        ctx.print(f"resumed from {root / tag} at step {start_step}", soft_wrap=True)
     if info.is_main:
         write_recipe(recipe, out_dir)
     ctx.data_state = data_state
@@ -189,7 +209,13 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
             "recipe": recipe.name,
             "param_group_names": group_names,
         }
-        return ckpt.save(engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
+        try:
+            return ckpt.save(engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
+        except OSError as e:
+            done = ckpt.list_complete(ckpt_dir)
+            kept = f"; the last complete checkpoint ({done[-1][1]}) is intact" if done else ""
+            raise UserError(f"cannot write {ckpt_dir / ckpt.tag_for(step)}: {atomic.cannot(e, ckpt_dir)}{kept}") \
+                from None
 
     progress = _progress(console, total_steps, start_step, enabled=info.is_main and not quiet)
     engine.train()
@@ -201,7 +227,8 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
             while step < total_steps:
                 schedule.apply(optimizer.param_groups, step, total_steps, recipe.schedule.warmup_steps,
                                recipe.schedule.kind, recipe.schedule.min_lr_ratio)
-                done, step_losses, extra = 0, [], {}
+                done, step_losses = 0, []
+                extra: dict[str, float] = {}
                 while done < ctx.accum:
                     batch = next(data_iter)
                     stage.consumed(batch)

@@ -3,7 +3,6 @@ kept. A checkpoint folder is a DeepSpeed checkpoint (``evaclip convert --from de
 state carries everything needed to continue exactly: step, per-rank data positions and RNG states, counters."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ from evaclip_cli.errors import UserError
 from evaclip_cli.engine import dist
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
+MANIFEST = "evaclip_manifest.json"  # every file of a checkpoint and its size, written before the folder is renamed
 
 
 def tag_for(step: int) -> str:
@@ -44,6 +44,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     dist.barrier()
     final = ckpt_dir / tag
     if is_main:
+        write_manifest(ckpt_dir / tmp_tag)
         if final.exists():
             shutil.rmtree(final)
         (ckpt_dir / tmp_tag).rename(final)
@@ -57,8 +58,49 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     return final
 
 
-def find_resume(spec: Optional[str], ckpt_dir: Path) -> Optional[tuple[Path, str]]:
-    """(checkpoint root, tag) to resume from: ``auto`` = the newest complete one in the run, if any."""
+def write_manifest(tag_dir: Path) -> None:
+    """Record every file of a checkpoint folder with its size: a copy or disk that cut a file short shows."""
+    import json
+
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    atomic.write_text(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def damage(tag_dir: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (a file missing or cut short), or None when it is whole.
+    Folders without a manifest (older evaclip) are checked by opening each torch file's zip directory."""
+    import json
+    import zipfile
+
+    manifest = tag_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return f"its {MANIFEST} is unreadable"
+        for name, size in files.items():
+            f = tag_dir / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size:,} of {size:,} bytes"
+        return None
+    pts = sorted(tag_dir.glob("*.pt"))
+    if not pts:
+        return "it holds no checkpoint file"
+    for f in pts:
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"{f.name} is truncated or damaged"
+    return None
+
+
+def find_resume(spec: Optional[str], ckpt_dir: Path, log=None) -> Optional[tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from: ``auto`` = the newest whole checkpoint of the run, if any; a damaged
+    newer one is reported through ``log`` and passed over."""
     if not spec:
         return None
     if spec == "auto":
@@ -66,11 +108,20 @@ def find_resume(spec: Optional[str], ckpt_dir: Path) -> Optional[tuple[Path, str
         if not complete:
             return None
         latest = ckpt_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (ckpt_dir / tag).is_dir():
-                return ckpt_dir, tag
-        return ckpt_dir, complete[-1][1].name
+        named = latest.read_text().strip() if latest.is_file() else None
+        candidates = [p for _, p in reversed(complete)]
+        if named and (ckpt_dir / named).is_dir():  # 'latest' first (it may name a non-step tag)
+            candidates = [ckpt_dir / named] + [p for p in candidates if p.name != named]
+        for i, tag_dir in enumerate(candidates):
+            why = damage(tag_dir)
+            if why is None:
+                return ckpt_dir, tag_dir.name
+            if log is not None:
+                nxt = next((c.name for c in candidates[i + 1:] if damage(c) is None), None)
+                log(f"[yellow]{tag_dir} is incomplete ({why}); "
+                    f"{'resuming from ' + nxt if nxt else 'no whole checkpoint is left'}[/yellow]")
+        raise UserError(f"{ckpt_dir}: every checkpoint is incomplete or damaged; start again with another --out, "
+                        "or remove the run's checkpoints/ folder")
     p = Path(spec)
     if not p.exists():
         raise UserError(f"--resume {spec}: no such checkpoint")
@@ -90,7 +141,8 @@ def rng_state() -> dict:
     import numpy as np
     import torch
 
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    assert not isinstance(keys, str)
     version, py_state, gauss = random.getstate()
     return {"python": [version, list(py_state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
             "torch": torch.get_rng_state()}

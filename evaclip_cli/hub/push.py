@@ -411,7 +411,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
              dtype: Optional[str] = None, eva_config=None, model=None, recipe=None,
              echo: Callable[[str], None] = print) -> dict:
     """Stage SRC, write the card, and upload everything in one commit (or, with ``dry_run``, write the folder)."""
-    from evaclip_cli.atomic import AtomicDir
+    from evaclip_cli.atomic import AtomicDir, output_lock
     from evaclip_cli.checkpoints.io import parse_size
     from evaclip_cli.eval.report import load_results
 
@@ -438,8 +438,10 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
         if not token:
             raise UserError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
                             "`hf auth login`")
+    lock = None
     if dry_run:
         out = Path(out) if out else Path(f"{repo_id.split('/', 1)[1]}-push")
+        lock = output_lock(out).acquire()  # two dry runs into one OUT: the second stops with one line
         if out.exists() and not force:
             raise UserError(f"{out} exists; pass --force to replace it (or --out DIR)")
     scrub = _Scrub(token)
@@ -467,6 +469,8 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
                        overwrite_card=overwrite_card, scrub=scrub, log=log, echo=echo)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if lock is not None:
+            lock.release()
 
 
 def _upload(repo_id: str, files: dict, *, token: str, private: bool, revision: Optional[str], create_pr: bool,

@@ -14,7 +14,9 @@ def _imports():
     import timm  # noqa: F401
     import torch
 
-    import evaclip_cli  # noqa: F401  (registers towers, patches open_clip)
+    from evaclip_cli.models.openclip_compat import integrate
+
+    integrate()  # the towers are timm models, open_clip honours timm_model_kwargs (the console script defers it)
     return torch
 
 

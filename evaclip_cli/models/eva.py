@@ -1,6 +1,6 @@
-"""The EVA-CLIP vision towers as timm ``Eva`` models, registered under evaclip names.
+"""The EVA-CLIP vision towers as timm ``Eva`` models, registered with timm's public API as timm's own ``eva.py`` does.
 
-Registered (once timm is imported, see ``evaclip_cli/__init__.py``):
+Importing this module registers (``@register_model``, cfgs from ``generate_default_cfgs``):
 
 * ``evaclip_18b_patch14_224``  EVA-CLIP-18B tower (RMSNorm, no qkv bias, post-norm)
 * ``evaclip_8b_patch14_224``   EVA-CLIP-8B tower (RMSNorm, no qkv bias, pre-norm)
@@ -8,20 +8,22 @@ Registered (once timm is imported, see ``evaclip_cli/__init__.py``):
                                callable), used for ``timm_model_kwargs`` in open_clip folders
 
 The 5B (E/14+) and B/16 towers are timm's own ``eva02_enormous_patch14_clip_224`` and
-``eva02_base_patch16_clip_224``.
+``eva02_base_patch16_clip_224``. The constructors differ only in kwargs, read from ``specs.ARCHS`` (the one
+description of each model). Nothing imports this module but ``openclip_compat.integrate()``: it imports timm.
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
-from evaclip_cli.models.specs import ARCHS, GENERIC_TIMM_NAME, TIMM_NAMES
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import LayerNorm, RmsNorm
+from timm.models import Eva, build_model_with_cfg, generate_default_cfgs, register_model
 
-_REGISTERED = False
+from evaclip_cli.models.specs import ARCHS
 
 
 def _norm_layer(name: str):
-    from timm.layers import LayerNorm, RmsNorm
-
     if name == "rms":
         return partial(RmsNorm, eps=1e-6)
     if name == "layer":
@@ -29,7 +31,7 @@ def _norm_layer(name: str):
     raise ValueError(f"unknown norm '{name}' (rms or layer)")
 
 
-def _filter_fn(state_dict, model):
+def checkpoint_filter_fn(state_dict: dict, model: Eva) -> dict:
     """timm ``pretrained_filter_fn``: accept reference EVA / MIM / open_clip layouts for the tower."""
     from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
 
@@ -45,12 +47,9 @@ def _filter_fn(state_dict, model):
     return state_dict
 
 
-def create_eva(variant: str, pretrained: bool = False, **kwargs):
-    """Build a timm ``Eva`` from evaclip kwargs (``norm`` may be a string), through timm's builder so
-    ``timm.create_model("local-dir:DIR", pretrained=True)`` works on folders ``evaclip convert`` writes."""
-    from timm.models._builder import build_model_with_cfg
-    from timm.models.eva import Eva
-
+def _create_eva(variant: str, pretrained: bool = False, **kwargs: Any) -> Eva:
+    """Build a timm ``Eva`` from evaclip kwargs (``norm`` may be a string) through timm's builder, so
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` works on the folders ``evaclip convert`` writes."""
     kwargs.setdefault("num_classes", 0)
     kwargs.setdefault("global_pool", "token")
     norm = kwargs.pop("norm", None)
@@ -61,62 +60,41 @@ def create_eva(variant: str, pretrained: bool = False, **kwargs):
     if kwargs.get("ref_feat_shape") is not None:
         kwargs["ref_feat_shape"] = tuple(kwargs["ref_feat_shape"])
     kwargs.pop("pretrained_model_args", None)
-    return build_model_with_cfg(Eva, variant, pretrained, pretrained_filter_fn=_filter_fn,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(Eva, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
-def _default_cfg(img: int) -> dict:
-    from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    return dict(url="", num_classes=0, input_size=(3, img, img), pool_size=None, crop_pct=1.0,
-                interpolation="bicubic", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, first_conv="patch_embed.proj",
-                classifier="head", license="mit")
-
-
-def _make_default_cfgs():
-    from timm.models._registry import generate_default_cfgs
-
-    cfgs = {f"{TIMM_NAMES[k]}.untrained": _default_cfg(ARCHS[k].vision.image_size) for k in ("18b", "8b")}
-    cfgs[f"{GENERIC_TIMM_NAME}.untrained"] = _default_cfg(224)
-    return generate_default_cfgs(cfgs)
+def _cfg(img_size: int = 224, **kwargs: Any) -> dict:
+    return {
+        "url": "", "num_classes": 0, "input_size": (3, img_size, img_size), "pool_size": None, "crop_pct": 1.0,
+        "interpolation": "bicubic", "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", **kwargs,
+    }
 
 
-def _make_constructor(key: str, name: str):
-    base = ARCHS[key].vision.timm_kwargs()
-
-    def fn(pretrained: bool = False, **kwargs):
-        return create_eva(name, pretrained=pretrained, **{**base, **kwargs})
-
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__module__ = __name__
-    fn.__doc__ = f"EVA-CLIP {key.upper()} vision tower ({ARCHS[key].vision.width}w/{ARCHS[key].vision.depth}d)."
-    return fn
+default_cfgs = generate_default_cfgs({
+    "evaclip_18b_patch14_224.untrained": _cfg(ARCHS["18b"].vision.image_size),
+    "evaclip_8b_patch14_224.untrained": _cfg(ARCHS["8b"].vision.image_size),
+    "evaclip_vit.untrained": _cfg(224),
+})
 
 
-def _generic(pretrained: bool = False, **kwargs):
-    return create_eva(GENERIC_TIMM_NAME, pretrained=pretrained, **kwargs)
+@register_model
+def evaclip_18b_patch14_224(pretrained: bool = False, **kwargs: Any) -> Eva:
+    """EVA-CLIP-18B vision tower: 5120 wide, 48 deep, 40 heads, MLP 25600, RMSNorm, no qkv bias, post-norm."""
+    model_args = ARCHS["18b"].vision.timm_kwargs()
+    return _create_eva("evaclip_18b_patch14_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-_generic.__name__ = _generic.__qualname__ = GENERIC_TIMM_NAME
-_generic.__doc__ = "Any EVA tower from evaclip kwargs (norm='rms'|'layer')."
+@register_model
+def evaclip_8b_patch14_224(pretrained: bool = False, **kwargs: Any) -> Eva:
+    """EVA-CLIP-8B vision tower: 4096 wide, 32 deep, 32 heads, MLP 20480, RMSNorm, no qkv bias, pre-norm."""
+    model_args = ARCHS["8b"].vision.timm_kwargs()
+    return _create_eva("evaclip_8b_patch14_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-def register() -> None:
-    """Register the evaclip towers with timm (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from timm.models import is_model
-    from timm.models._registry import register_model
-
-    global default_cfgs
-    default_cfgs = _make_default_cfgs()  # read by register_model from this module
-
-    for key in ("18b", "8b"):
-        name = TIMM_NAMES[key]
-        if not is_model(name):
-            register_model(_make_constructor(key, name))
-    if not is_model(GENERIC_TIMM_NAME):
-        register_model(_generic)
-    _REGISTERED = True
+@register_model
+def evaclip_vit(pretrained: bool = False, **kwargs: Any) -> Eva:
+    """Any EVA tower from JSON-serialisable kwargs (``norm='rms'|'layer'``): the ``timm_model_kwargs`` of a folder."""
+    return _create_eva("evaclip_vit", pretrained=pretrained, **kwargs)

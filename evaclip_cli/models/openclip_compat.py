@@ -1,33 +1,154 @@
-"""What open_clip 3.3 needs to load evaclip folders; applied once open_clip is imported.
+"""evaclip's integration with timm and open_clip: ``integrate()``, and the file names of an open_clip folder.
 
-1. ``vision_cfg.timm_model_kwargs``: open_clip's main branch forwards this dict to ``timm.create_model`` so a timm
-   tower of any size can be described in ``open_clip_config.json``. 3.3.0 rejects the field; here it is accepted
-   and forwarded the same way, so evaclip folders stay loadable by later open_clip releases without evaclip.
-2. Sharded safetensors (``open_clip_model.safetensors.index.json`` + shards, the Hub's convention): found in a
-   ``local-dir:`` folder and loaded as one state dict.
-3. The same shards in an ``hf-hub:`` repo (``evaclip push`` uploads large models so): the index and its shards are
-   downloaded into one snapshot folder and loaded as in 2 (stock open_clip would silently keep random weights).
+``integrate()`` is the one function that makes timm and open_clip know evaclip's models. It runs once per process
+(later calls return at once): ``import evaclip_cli`` applies it, so ``import evaclip_cli, open_clip`` in either
+order loads evaclip folders; the ``evaclip`` console script skips it at import (``--help`` and TAB completion stay
+instant, see ``evaclip_entry.py``) and every evaclip code path that builds or loads a model calls it itself.
 
-All three patches are additive: configs and folders without these fields behave exactly as in stock open_clip.
+What it does, and why:
+
+0. **Checks the open_clip version.** The additions below are written against open_clip 3.3.0's internals; any other
+   version is refused with one line (a ``UserError``; ``import evaclip_cli`` turns it into an ``ImportError``).
+1. **Registers the EVA-CLIP towers with timm** by importing ``evaclip_cli.models.eva`` (``@register_model``):
+   ``evaclip_18b_patch14_224``, ``evaclip_8b_patch14_224``, ``evaclip_vit``.
+2. **``vision_cfg.timm_model_kwargs``**: open_clip's main branch forwards this dict to ``timm.create_model`` so a timm
+   tower of any size (the tiny demo model, a user's own width/depth) can be described in ``open_clip_config.json``;
+   3.3.0's ``TimmModel`` forwards only drop rates and its ``CLIPVisionCfg`` rejects the key. The field is added to
+   open_clip's own ``CLIPVisionCfg`` class in place (same class object, so ``open_clip.CLIPVisionCfg``,
+   ``open_clip.model.CLIPVisionCfg`` and ``open_clip.coca_model.CLIPVisionCfg`` all have it), and
+   ``_build_vision_tower`` forwards it to ``timm.create_model`` as main does (it sets a context variable that the
+   ``timm`` reference of ``open_clip.timm_model``, a thin proxy, merges into ``create_model``'s kwargs). The
+   folders use main's field name, so they stay valid for later open_clip releases.
+3. **Sharded folders through ``local-dir:``**: ``open_clip_model.safetensors.index.json`` + shards (the Hub's
+   convention for large models, what ``evaclip convert --max-shard-size`` writes) are found
+   (``factory._find_checkpoint_in_dir``) and loaded as one state dict (``factory.load_state_dict``); stock 3.3.0
+   would pick one shard and fail.
+4. **The same shards through ``hf-hub:``** (what ``evaclip push`` uploads for large models): when the repo has no
+   single weights file, ``pretrained.download_pretrained_from_hf`` downloads the index and its shards into one
+   snapshot folder and returns the index; stock 3.3.0 would silently keep random weights.
+
+No stale copies: each replaced function is swapped in every loaded ``open_clip``/``open_clip_train`` module that
+holds the original (the defining module and those that imported it by name: ``coca_model._build_vision_tower``,
+``factory.download_pretrained_from_hf``, ...); modules imported later look the name up in the patched module.
+Replacements keep the original as ``__wrapped__`` and are marked ``__evaclip__``. Everything is additive: configs and
+folders without these fields behave exactly as in stock open_clip.
 """
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import json
+import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 INDEX_NAME = "open_clip_model.safetensors.index.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"
+SUPPORTED_OPEN_CLIP = "3.3.0"
 
-_PENDING_KWARGS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("evaclip_timm_kwargs", default=None)
-_PATCHED = False
+_PENDING_KWARGS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("evaclip_timm_kwargs",
+                                                                                 default=None)
+_LOCK = threading.Lock()
+_INTEGRATED = False
+
+
+def load_sharded_safetensors(index_path: str | Path, device: Any = "cpu") -> dict:
+    """One state dict from a safetensors index (``*.safetensors.index.json``) and the shards beside it."""
+    from safetensors.torch import load_file
+
+    index_path = Path(index_path)
+    index = json.loads(index_path.read_text())
+    state: dict = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(index_path.parent / shard), device=str(device)))
+    missing = set(index["weight_map"]) - set(state)
+    if missing:
+        raise RuntimeError(f"{index_path}: {len(missing)} tensors listed in the index are in no shard "
+                           f"(first: {sorted(missing)[0]})")
+    return state
+
+
+def integrate() -> None:
+    """Register the EVA-CLIP towers with timm and add to open_clip 3.3.0 what evaclip folders need (module
+    docstring: items 0-4). Idempotent and thread-safe; raises ``UserError`` (one line) on another open_clip."""
+    global _INTEGRATED
+    if _INTEGRATED:
+        return
+    with _LOCK:
+        if _INTEGRATED:
+            return
+        import open_clip
+
+        if open_clip.__version__ != SUPPORTED_OPEN_CLIP:
+            from evaclip_cli.errors import UserError
+
+            raise UserError(f"evaclip supports open_clip_torch {SUPPORTED_OPEN_CLIP}, found {open_clip.__version__}"
+                            f" (pip install 'open_clip_torch=={SUPPORTED_OPEN_CLIP}')")
+        import open_clip.factory as factory
+        import open_clip.model as oc_model
+        import open_clip.pretrained as pretrained
+        import open_clip.timm_model as oc_timm
+
+        import evaclip_cli.models.eva  # noqa: F401  (1. @register_model: the towers are timm models)
+
+        # 2. timm_model_kwargs
+        _add_field(oc_model.CLIPVisionCfg, "timm_model_kwargs", Optional[dict], None)
+        if oc_timm.timm is not None and not isinstance(oc_timm.timm, _TimmProxy):
+            oc_timm.timm = _TimmProxy(oc_timm.timm)
+        _replace(oc_model._build_vision_tower, _forward_timm_model_kwargs)
+        # 3. sharded local-dir: folders
+        _replace(factory._find_checkpoint_in_dir, _find_index_in_dir)
+        _replace(factory.load_state_dict, _load_index)
+        # 4. sharded hf-hub: repos
+        _replace(pretrained.download_pretrained_from_hf, _download_index_from_hf)
+        _INTEGRATED = True
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _open_clip_modules() -> list:
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and name.split(".")[0] in ("open_clip", "open_clip_train")]
+
+
+def _replace(original: Callable, make: Callable[[Callable], Callable]) -> None:
+    """Swap ``make(original)`` in for ``original`` in every loaded open_clip module that references it."""
+    if getattr(original, "__evaclip__", False):  # already ours
+        return
+    new = functools.wraps(original)(make(original))
+    new.__evaclip__ = True  # type: ignore[attr-defined]
+    for module in _open_clip_modules():
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attr, new)
+
+
+def _add_field(cls: type, name: str, annotation: Any, default: Any) -> None:
+    """Add a field to an existing dataclass, in place: the class object stays the same, so every module's
+    reference to it sees the field. The dataclass decorator runs again on the same class with its own parameters;
+    the existing fields are handed back as ``Field`` objects so each keeps its default, factory and metadata."""
+    fields = dataclasses.fields(cls)
+    if any(f.name == name for f in fields):
+        return
+    params = cls.__dataclass_params__  # type: ignore[attr-defined]
+    for f in fields:
+        setattr(cls, f.name, f)
+    cls.__dict__["__annotations__"][name] = annotation
+    setattr(cls, name, dataclasses.field(default=default))
+    for generated in ("__init__", "__repr__", "__eq__", "__match_args__"):  # the decorator keeps existing ones
+        if generated in cls.__dict__:
+            delattr(cls, generated)
+    if (cls.__doc__ or "").startswith(cls.__name__ + "("):  # the generated signature docstring
+        cls.__doc__ = None
+    dataclasses.dataclass(cls, init=params.init, repr=params.repr, eq=params.eq, order=params.order,
+                          unsafe_hash=params.unsafe_hash, frozen=params.frozen)
 
 
 class _TimmProxy:
-    """Stands in for the ``timm`` module inside ``open_clip.timm_model``: merges pending kwargs into create_model."""
+    """Stands in for the ``timm`` module inside ``open_clip.timm_model``: ``create_model`` also gets the
+    ``timm_model_kwargs`` of the vision tower being built (set by ``_forward_timm_model_kwargs``)."""
 
     def __init__(self, timm_module):
         self._timm = timm_module
@@ -42,81 +163,43 @@ class _TimmProxy:
         return self._timm.create_model(model_name, *args, **kwargs)
 
 
-def load_sharded_safetensors(index_path: str | Path, device: str = "cpu") -> dict:
-    from safetensors.torch import load_file
+def _forward_timm_model_kwargs(build_vision_tower):
+    def _build_vision_tower(embed_dim, vision_cfg, *args, **kwargs):
+        extra = (vision_cfg.get("timm_model_kwargs") if isinstance(vision_cfg, dict)
+                 else getattr(vision_cfg, "timm_model_kwargs", None))
+        token = _PENDING_KWARGS.set(dict(extra) if extra else None)
+        try:
+            return build_vision_tower(embed_dim, vision_cfg, *args, **kwargs)
+        finally:
+            _PENDING_KWARGS.reset(token)
 
-    index_path = Path(index_path)
-    index = json.loads(index_path.read_text())
-    state: dict = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(index_path.parent / shard), device=device))
-    missing = set(index["weight_map"]) - set(state)
-    if missing:
-        raise RuntimeError(f"{index_path}: {len(missing)} tensors listed in the index are in no shard "
-                           f"(first: {sorted(missing)[0]})")
-    return state
+    return _build_vision_tower
 
 
-def patch_open_clip() -> None:
-    global _PATCHED
-    if _PATCHED:
-        return
-    import open_clip.factory as factory
-    import open_clip.model as oc_model
-    import open_clip.timm_model as oc_timm
+def _find_index_in_dir(find_checkpoint_in_dir):
+    def _find_checkpoint_in_dir(dir_path):
+        if (Path(dir_path) / INDEX_NAME).is_file() and not (Path(dir_path) / WEIGHTS_NAME).is_file():
+            return str(Path(dir_path) / INDEX_NAME)
+        return find_checkpoint_in_dir(dir_path)
 
-    # -- 1. timm_model_kwargs -----------------------------------------------------------------------------------
-    base_cfg = oc_model.CLIPVisionCfg
-    if "timm_model_kwargs" not in {f.name for f in dataclasses.fields(base_cfg)}:
-        cfg_cls = dataclasses.make_dataclass(
-            "CLIPVisionCfg",
-            [("timm_model_kwargs", Optional[dict], dataclasses.field(default=None))],
-            bases=(base_cfg,),
-        )
-        cfg_cls.__module__ = base_cfg.__module__
-        oc_model.CLIPVisionCfg = cfg_cls
-        orig_build = oc_model._build_vision_tower
+    return _find_checkpoint_in_dir
 
-        def _build_vision_tower(embed_dim, vision_cfg, *args, **kwargs):
-            if isinstance(vision_cfg, dict):
-                vision_cfg = cfg_cls(**vision_cfg)
-            extra = getattr(vision_cfg, "timm_model_kwargs", None)
-            token = _PENDING_KWARGS.set(dict(extra) if extra else None)
-            try:
-                return orig_build(embed_dim, vision_cfg, *args, **kwargs)
-            finally:
-                _PENDING_KWARGS.reset(token)
 
-        oc_model._build_vision_tower = _build_vision_tower
-        if oc_timm.timm is not None and not isinstance(oc_timm.timm, _TimmProxy):
-            oc_timm.timm = _TimmProxy(oc_timm.timm)
-
-    # -- 2. sharded safetensors in local-dir folders -----------------------------------------------------------
-    orig_find = factory._find_checkpoint_in_dir
-    orig_load_state_dict = factory.load_state_dict
-
-    def _find_checkpoint_in_dir(dir_path: Path):
-        index = Path(dir_path) / INDEX_NAME
-        if index.is_file() and not (Path(dir_path) / WEIGHTS_NAME).is_file():
-            return str(index)
-        return orig_find(dir_path)
-
-    def load_state_dict(checkpoint_path, device="cpu", weights_only=True):
+def _load_index(load_state_dict):
+    def _load_state_dict(checkpoint_path, device="cpu", weights_only=True):
         if str(checkpoint_path).endswith(".safetensors.index.json"):
             return load_sharded_safetensors(checkpoint_path, device=device)
-        return orig_load_state_dict(checkpoint_path, device=device, weights_only=weights_only)
+        return load_state_dict(checkpoint_path, device=device, weights_only=weights_only)
 
-    factory._find_checkpoint_in_dir = _find_checkpoint_in_dir
-    factory.load_state_dict = load_state_dict
+    return _load_state_dict
 
-    # -- 3. sharded safetensors in hf-hub: repos (what `evaclip push` uploads for large models) -----------------
-    orig_download = factory.download_pretrained_from_hf
 
-    def download_pretrained_from_hf(model_id, filename=None, revision=None, cache_dir=None):
+def _download_index_from_hf(download_pretrained_from_hf):
+    def _download_pretrained_from_hf(model_id, filename=None, revision=None, cache_dir=None):
         try:
-            return orig_download(model_id, filename=filename, revision=revision, cache_dir=cache_dir)
+            return download_pretrained_from_hf(model_id, filename=filename, revision=revision, cache_dir=cache_dir)
         except FileNotFoundError:
-            if filename is not None:  # a named file (the config): nothing to fall back to
+            if filename is not None:  # a named file (the config, a tag's file): nothing to fall back to
                 raise
             from huggingface_hub import hf_hub_download
 
@@ -125,5 +208,4 @@ def patch_open_clip() -> None:
                 hf_hub_download(model_id, shard, revision=revision, cache_dir=cache_dir)  # same snapshot folder
             return index
 
-    factory.download_pretrained_from_hf = download_pretrained_from_hf
-    _PATCHED = True
+    return _download_pretrained_from_hf

@@ -6,7 +6,7 @@ FLOP counts for ``estimate``.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,7 +48,7 @@ class VisionSpec(BaseModel):
 
     def timm_kwargs(self) -> dict:
         """JSON-serialisable kwargs for the generic ``evaclip_vit`` timm constructor."""
-        kw = dict(
+        kw: dict[str, Any] = dict(
             img_size=self.image_size,
             patch_size=self.patch_size,
             embed_dim=self.width,
@@ -81,8 +81,8 @@ class TextSpec(BaseModel):
     mlp_ratio: float = 4.0
 
     def open_clip_cfg(self) -> dict:
-        cfg = dict(context_length=self.context_length, vocab_size=self.vocab_size, width=self.width,
-                   heads=self.heads, layers=self.layers)
+        cfg: dict[str, Any] = dict(context_length=self.context_length, vocab_size=self.vocab_size,
+                                   width=self.width, heads=self.heads, layers=self.layers)
         if self.mlp_ratio != 4.0:
             cfg["mlp_ratio"] = self.mlp_ratio
         return cfg

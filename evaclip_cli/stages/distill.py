@@ -225,7 +225,8 @@ class DistillStage(LoaderStage):
             sources, image_size=self.spec.vision.image_size, micro_batch=r.data.micro_batch, workers=r.data.workers,
             tokenizer=None, seed=r.seed, rank=ctx.info.rank, world_size=ctx.info.world_size,
             resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(d.scale),
-            interpolation=r.data.aug.interpolation, hflip=d.hflip, start_state=state)
+            interpolation=r.data.aug.interpolation, hflip=d.hflip, start_state=state,
+            max_skipped=r.data.max_skipped_in_a_row)
         return self._data
 
     def loss(self, ctx, batch, step):

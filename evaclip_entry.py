@@ -1,0 +1,19 @@
+"""The ``evaclip`` console script (``[project.scripts]``).
+
+``import evaclip_cli`` integrates evaclip with timm and open_clip (``evaclip_cli.models.openclip_compat.integrate``),
+which imports torch, timm and open_clip: seconds. The command line must not pay that for ``--help`` or a TAB
+completion, so this entry marks the process as the console script before importing ``evaclip_cli.cli``; the
+commands that build or load a model integrate when they do. ``python -m evaclip_cli.cli`` (what the launchers start
+on every rank) is an ordinary import and integrates at once.
+"""
+from __future__ import annotations
+
+COMMAND_LINE = False  # read by evaclip_cli/__init__.py
+
+
+def main() -> None:
+    global COMMAND_LINE
+    COMMAND_LINE = True
+    from evaclip_cli.cli import entry
+
+    entry()
