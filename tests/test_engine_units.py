@@ -134,3 +134,9 @@ def test_dry_run_prints_command(capsys):
     assert code == 0 and out.startswith("#!/bin/bash")
     code, out, err = run_cli(["train", "--recipe", "distill-18b", "--dry-run"], capsys)
     assert code == 2 and "evaclip distill" in err
+
+
+def test_progress_rate_keeps_two_significant_digits_when_slow():
+    from evaclip_cli.engine.loop import format_rate
+
+    assert [format_rate(x) for x in (0.11, 0.0042, 5.34, 53.2, 12345.6)] == ["0.11", "0.0042", "5.3", "53", "12,346"]

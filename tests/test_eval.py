@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 EVACLIP = [sys.executable, "-m", "evaclip_cli.cli"]
@@ -95,8 +94,8 @@ def test_layouts_agree_and_two_ranks_match(bench, tmp_path):
     # plain webdataset shards with a class field, class names and templates given on the command line
     shards = f"{bench['wds_cls']}/test/{{0..1}}.tar"
     evaclip(bench, "eval", "zeroshot", "-m", bench["model"], "-d", shards, "--classnames",
-            bench["wds_cls"] / "classnames.txt", "--templates", bench["wds_cls"] / "zeroshot_classification_templates.txt",
-            "-o", tmp_path / "e.json")
+            bench["wds_cls"] / "classnames.txt", "--templates",
+            bench["wds_cls"] / "zeroshot_classification_templates.txt", "-o", tmp_path / "e.json")
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["samples"] == bench["n"] and e["metrics"] == pytest.approx(a["metrics"], abs=1e-9)
 
@@ -185,7 +184,7 @@ def test_shipped_class_names_and_templates():
     """A benchmark's own names/templates come with the package when the data carries none (ImageNet: 1000 names,
     OpenAI's 80 templates); the data's own and the command line's take precedence."""
     from evaclip_cli.data.benchmarks import EvalSet
-    from evaclip_cli.eval.core import resolve_prompts, shipped_metadata
+    from evaclip_cli.eval.prompts import resolve_prompts, shipped_metadata
 
     es = EvalSet("wds_imagenet1k", "classification", [], [0, 999])
     names, tpls = resolve_prompts(es, None)
@@ -199,11 +198,12 @@ def test_shipped_class_names_and_templates():
 
 
 def test_suite_27_has_templates_for_every_set():
-    from evaclip_cli.eval.core import _metadata_key, load_suite, shipped_metadata
+    from evaclip_cli.eval.prompts import metadata_key, shipped_metadata
+    from evaclip_cli.eval.suite import load_suite
 
     meta = shipped_metadata()
     suite = load_suite("eva-clip-27")
     assert len(suite["datasets"]) == 27
-    assert all(_metadata_key(d.get("key", d["name"])) in meta["templates"] for d in suite["datasets"])
-    named = [d["name"] for d in suite["datasets"] if _metadata_key(d.get("key", d["name"])) in meta["classnames"]]
+    assert all(metadata_key(d.get("key", d["name"])) in meta["templates"] for d in suite["datasets"])
+    named = [d["name"] for d in suite["datasets"] if metadata_key(d.get("key", d["name"])) in meta["classnames"]]
     assert len(named) >= 17 and "imagenet-a" in named and len(meta["classnames"]["imagenet_a"]) == 200

@@ -9,9 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
-from test_train import EVACLIP, env, metrics, train  # noqa: F401  (module-scoped demo data fixture)
+from helpers.runs import EVACLIP, metrics, train
 
 
 def test_frame_sampling():

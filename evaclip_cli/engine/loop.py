@@ -1,9 +1,9 @@
 """The training loop every stage shares: ``run(recipe, stage)``.
 
 A stage (``evaclip_cli.engine.stage.Stage``; the CLIP, distill and video stages live in ``evaclip_cli.stages``)
-supplies the model, the data and the loss. The engine owns the rest: DeepSpeed config and initialisation, param groups, LAMB/AdamW, warmup + cosine,
-gradient accumulation, non-finite loss handling, checkpoints and exact resume, metrics.jsonl, TensorBoard,
-Rich progress and the loss/accuracy PNG.
+supplies the model, the data and the loss. The engine owns the rest: DeepSpeed config and initialisation, param
+groups, LAMB/AdamW, warmup + cosine, gradient accumulation, non-finite loss handling, checkpoints and exact resume,
+the logging sinks (metrics.jsonl, TensorBoard, wandb: ``engine.tracking``), Rich progress and the loss/accuracy PNG.
 """
 from __future__ import annotations
 
@@ -14,48 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 from evaclip_cli import atomic
-from evaclip_cli.engine.stage import Context, Stage
-from evaclip_cli.errors import TrainingStopped, UserError
+from evaclip_cli.engine import dist, schedule, tracking
 from evaclip_cli.engine import resume as ckpt
-from evaclip_cli.engine import dist, schedule
 from evaclip_cli.engine.config import deepspeed_config
 from evaclip_cli.engine.params import build_param_groups
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (rank 0): one JSON object per logged step; on resume, entries after the resumed step are
-    dropped so the file reads like an uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if resume_step > 0 and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            atomic.write_text(path, "".join(ln + "\n" for ln in keep))
-        elif resume_step == 0 and path.exists():
-            path.unlink()
-        self._fh = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            self._fh.write(json.dumps(record) + "\n")
-            self._fh.flush()
-
-    def close(self):
-        if self.enabled:
-            self._fh.close()
-
-
-def _tensorboard(out_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard missing: metrics.jsonl still has everything
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+from evaclip_cli.engine.stage import Context, Stage
+from evaclip_cli.errors import TrainingStopped, UserError
 
 
 def write_recipe(recipe, out_dir: Path) -> Path:
@@ -100,10 +64,18 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     return out_png
 
 
-def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None,
+        quiet: bool = False) -> dict:
     """Train ``stage`` under ``recipe``; returns the final metrics (on every rank)."""
+    import warnings
+
     from rich.console import Console
 
+    # open_clip's ClipLoss gathers features with torch.distributed.nn.all_gather, which torch deprecates with a
+    # FutureWarning on every call: nothing a user of a 360-GPU job can act on
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                            category=FutureWarning)
+    tracking.check_available(recipe)  # e.g. wandb asked for and not installed: one line before anything is built
     info = dist.setup()
     out_dir = Path(out_dir or recipe.out_dir())
     console = Console(stderr=False, quiet=quiet or not info.is_main)
@@ -138,16 +110,34 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
 
 
 def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool) -> dict:
-    import torch
-
-    info, out_dir, console, total_steps = ctx.info, ctx.out_dir, ctx.console, ctx.total_steps
-    ds_cfg = ctx.ds_config
+    info, out_dir = ctx.info, ctx.out_dir
     ckpt_dir = out_dir / "checkpoints"
     resume_from = ckpt.find_resume(resume, ckpt_dir, log=lambda line: ctx.print(line, soft_wrap=True))
     if resume is None and ckpt.list_complete(ckpt_dir):
         last = ckpt.list_complete(ckpt_dir)[-1][0]
         raise UserError(f"{out_dir} already holds checkpoints of a run (up to step {last}); pass --resume auto to "
                         "continue it, or choose another --out")
+    # the logging sinks (rank 0): a wandb run that cannot start stops every rank here, before the model is built
+    problem, track = None, tracking.Tracking([])
+    try:
+        track = tracking.open_tracking(recipe, out_dir, resuming=resume_from is not None, is_main=info.is_main)
+    except UserError as e:
+        problem = str(e)
+    if dist.any_true(problem is not None):
+        raise UserError(problem or "rank 0 could not start its logging (wandb)")
+    try:
+        return _train(recipe, stage, ctx, resume_from, track, quiet)
+    except BaseException:
+        track.end(None, ok=False)
+        raise
+
+
+def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Tracking, quiet: bool) -> dict:
+    import torch
+
+    info, out_dir, console, total_steps = ctx.info, ctx.out_dir, ctx.console, ctx.total_steps
+    ds_cfg = ctx.ds_config
+    ckpt_dir = out_dir / "checkpoints"
 
     torch.manual_seed(recipe.seed + info.rank)
     import deepspeed
@@ -188,8 +178,7 @@ def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool)
     loader = stage.build_loader(ctx, data_state)
     data_iter = iter(loader)
 
-    metrics = MetricsLog(out_dir / "metrics.jsonl", start_step, info.is_main)
-    tb = _tensorboard(out_dir, recipe.logging.tensorboard and info.is_main)
+    track.begin(start_step)
     log_every, ckpt_every = max(1, recipe.logging.log_every), recipe.logging.checkpoint_every
     eval_every = recipe.eval.every_steps
     max_bad = recipe.logging.max_bad_steps
@@ -223,7 +212,7 @@ def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool)
     try:
         with progress:
             task = progress.add_task(stage.name, total=total_steps, completed=start_step, loss=float("nan"),
-                                     sps=0.0)
+                                     sps="-")
             while step < total_steps:
                 schedule.apply(optimizer.param_groups, step, total_steps, recipe.schedule.warmup_steps,
                                recipe.schedule.kind, recipe.schedule.min_lr_ratio)
@@ -268,56 +257,60 @@ def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool)
                               "samples": step * samples_per_step, "nonfinite_skipped": counters["nonfinite"],
                               **extra, **stage.log_extras(ctx)}
                     window = []
-                    metrics.write(record)
-                    if tb is not None:
-                        for k, v in record.items():
-                            if isinstance(v, (int, float)) and k != "step":
-                                tb.add_scalar(f"train/{k}", v, step)
+                    track.log("train", step, record)
                     last_metrics.update(record)
-                    progress.update(task, completed=step, loss=record["loss"], sps=sps)
+                    progress.update(task, completed=step, loss=record["loss"], sps=format_rate(sps))
                 else:
                     progress.update(task, completed=step)
                 if eval_every and step % eval_every == 0 and step != total_steps:
-                    _evaluate(ctx, stage, step, metrics, tb, last_metrics)
+                    _evaluate(ctx, stage, step, track, last_metrics)
                 if ckpt_every and step % ckpt_every == 0 and step != total_steps:
                     save(step)
         save(step)
         if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
-            _evaluate(ctx, stage, step, metrics, tb, last_metrics)
+            _evaluate(ctx, stage, step, track, last_metrics)
         stage.finish(ctx)
     finally:
-        metrics.close()
-        if tb is not None:
-            tb.close()
+        if track.jsonl is not None:
+            track.jsonl.end(None, ok=True)  # metrics.jsonl complete before the PNG is drawn from it
     if info.is_main:
         png = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
         last_metrics["curves_png"] = str(png) if png else None
+        track.end(png, ok=True)
     last_metrics["step"] = step
     last_metrics["nonfinite_skipped"] = counters["nonfinite"]
     return last_metrics
 
 
-def _evaluate(ctx: Context, stage: Stage, step: int, metrics, tb, last_metrics):
+def _evaluate(ctx: Context, stage: Stage, step: int, track: tracking.Tracking, last_metrics):
     ctx.engine.eval()
     try:
         res = stage.evaluate(ctx, step) or {}
     finally:
         ctx.engine.train()
     if res:
-        metrics.write({"step": step, **res})
-        if tb is not None:
-            for k, v in res.items():
-                if isinstance(v, (int, float)):
-                    tb.add_scalar(f"eval/{k}", v, step)
+        track.log("eval", step, {"step": step, **res})
         last_metrics.update(res)
         ctx.print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+
+
+def format_rate(x: float) -> str:
+    """Samples per second for the progress bar: two significant digits below 10 (a slow 18B step is 0.11/s, not
+    0), whole numbers above."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def _progress(console, total, start, enabled):
     import contextlib
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not enabled:
         class _Null(contextlib.nullcontext):
@@ -329,6 +322,6 @@ def _progress(console, total, start, enabled):
 
         return _Null()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.0f} samples/s"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]} samples/s"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                     transient=False, refresh_per_second=2)

@@ -159,7 +159,7 @@ def read_recipe(run_dir: Path) -> dict:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
-    out = []
+    out: list[dict] = []
     try:
         text = (Path(run_dir) / METRICS_NAME).read_text()
     except OSError:

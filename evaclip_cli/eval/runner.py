@@ -1,5 +1,395 @@
-"""The eval commands' entry points (interim re-exports; the eval redesign replaces this module)."""
-from evaclip_cli.eval.core import run_retrieval, run_suite, run_zeroshot, suite_names
-from evaclip_cli.stages.video import run_eval_video as run_video
+"""The one runner: ``evaclip eval zeroshot|retrieval|video|suite`` and training's periodic eval.
 
-__all__ = ["run_zeroshot", "run_retrieval", "run_video", "run_suite", "suite_names"]
+``run_zeroshot``, ``run_retrieval``, ``run_video``, ``run_suite`` (the commands) and ``evaluate_live`` (the training
+stages) all build the same things — a ``LoadedClip``, an adapter over the set, the prompts and classifier of
+``prompts.py`` — and run them through the loops of ``loops.py``. The commands add what a command needs: the
+data-parallel setup under torchrun, precision (autocast), DataLoader workers, a progress bar, the metrics JSON
+(CLIP_benchmark's layout, written atomically) and a results table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from evaclip_cli.errors import UserError
+from evaclip_cli.eval.suite import suite_names
+
+__all__ = ["run_zeroshot", "run_retrieval", "run_video", "run_suite", "suite_names", "evaluate_live", "LiveSet"]
+
+
+# ---------------------------------------------------------------------------------------------------- run setup
+def setup_dist():
+    """Data-parallel eval under torchrun (the same launcher as `train`); a bare process stays single."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            tdist.init_process_group(backend)
+    device = "cpu"
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def _model_and_dist(model, pretrained, eva_config, arch, loaded=None):
+    rank, world, device = setup_dist()
+    if loaded is None:
+        from evaclip_cli.checkpoints.load import load_clip
+
+        loaded = load_clip(model, device=device, eva_config=eva_config, pretrained=pretrained, arch=arch)
+    return loaded, rank, world, device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+def autocast(device: str, precision: str):
+    import contextlib
+    import functools
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.split(":")[0], dtype=dtype)
+
+
+def default_workers() -> int:
+    import os
+
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _runtime(loaded, device, rank, world, batch_size, workers, precision):
+    from evaclip_cli.eval.loops import Runtime
+
+    return Runtime(loaded, device, rank, world, batch_size, default_workers() if workers is None else workers,
+                   None, autocast(device, precision))
+
+
+class Progress:
+    """A transient Rich progress bar (rank 0, not quiet); calling it advances by n items."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.p = RichProgress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), transient=True)
+            self.t = self.p.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.enabled:
+            self.p.__enter__()
+        return self
+
+    def __call__(self, n):
+        if self.enabled:
+            self.p.advance(self.t, n)
+
+    def __exit__(self, *a):
+        if self.enabled:
+            self.p.__exit__(*a)
+
+
+# ------------------------------------------------------------------------------------------------------ results
+def print_results(rows: list, title: str) -> None:
+    """A Rich table of metric dicts (fractions shown as percentages)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols: list = []
+    for r in rows:
+        for k in r["metrics"]:
+            if k not in cols:
+                cols.append(k)
+    table = Table(title=title)
+    table.add_column("dataset")
+    for c in cols:
+        table.add_column(c.replace("image_retrieval_recall", "t→i R").replace("text_retrieval_recall", "i→t R")
+                         .replace("mean_per_class_recall", "mean/class").replace("mean_top1_top5", "mean(1,5)"),
+                         justify="right")
+    table.add_column("samples", justify="right")
+    table.add_column("skipped", justify="right")
+    for r in rows:
+        table.add_row(r["dataset"], *[f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in cols],
+                      f"{r['samples']:,}", str(r.get("skipped", 0)))
+    Console().print(table)
+
+
+def _finish(out: dict, output, quiet: bool, rank: int, title: str) -> None:
+    if rank != 0:
+        return
+    if output:
+        from evaclip_cli import atomic
+
+        atomic.write_json(output, out)
+    if not quiet:
+        print_results([out], f"{title}: {out['model']}")
+        if out["skipped"]:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]{out['skipped']} unreadable or incomplete sample(s) skipped[/yellow]")
+
+
+# ------------------------------------------------------------------------------------------------------ sets
+def image_classification(dataset: str, loaded, split: str = "test", class_key: str = "cls", draft=None):
+    from evaclip_cli.data.benchmarks import classification_set
+    from evaclip_cli.eval.adapters import ImageSet
+
+    return ImageSet(classification_set(dataset, split=split, class_key=class_key), loaded.transform(),
+                    loaded.image_size, draft)
+
+
+def video_classification(path, loaded, frames: int, name: Optional[str] = None):
+    """A video classification set (``loaded``: its clips are read at the model's size; None: set it later with
+    ``set_image_size``)."""
+    from evaclip_cli.data.video import load_video_classification
+    from evaclip_cli.eval.adapters import ClipSet
+
+    path = Path(path)
+    size = loaded.image_size if loaded is not None else 0
+    ds, classnames, templates = load_video_classification(path, frames, size)
+    return ClipSet(ds, name or (path.stem if path.is_file() else path.name), frames, size, classnames, templates)
+
+
+def is_retrieval_manifest(path: Path) -> bool:
+    """A ``path,caption`` CSV (no ``label`` column): video-text retrieval rather than classification."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return False
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = [h.strip().lower() for h in fh.readline().split(",")]
+    return "caption" in header and "label" not in header
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=None, eva_config=None, arch=None,
+                 classnames=None, templates=None, split="test", class_key="cls", batch_size=256, workers=None,
+                 precision="auto", cache=True, fast_decode=False, output=None, quiet=False, loaded=None) -> dict:
+    """``evaclip eval zeroshot``: zero-shot classification of an image set; returns the metrics JSON."""
+    from evaclip_cli.data.benchmarks import classification_set
+    from evaclip_cli.eval.adapters import ImageSet
+    from evaclip_cli.eval.loops import classify
+    from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
+
+    evalset = classification_set(dataset, split=split, class_key=class_key)
+    names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+    precision = resolve_precision(precision, device)
+    rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
+    model_id = fingerprint(model, f"{pretrained}|{eva_config}|{arch}|{precision}")
+    W, _ = classifier(loaded, names, tpls, device, batch_size, rt.autocast, model_id if cache else None)
+    adapter = ImageSet(evalset, loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
+    with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+        r = classify(adapter, W, rt, prog)
+    out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_classification",
+           "metrics": {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}, "samples": r["samples"],
+           "skipped": r["skipped"], "language": "en", "classes": len(names), "templates": len(tpls),
+           "layout": evalset.layout}
+    if pretrained:
+        out["pretrained"] = str(pretrained)
+    _finish(out, output, quiet, rank, "zero-shot classification")
+    return out
+
+
+def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretrained=None, eva_config=None, arch=None,
+                  split="test", batch_size=256, workers=None, precision="auto", fast_decode=False, output=None,
+                  quiet=False, loaded=None) -> dict:
+    """``evaclip eval retrieval``: image-text retrieval (R@1/5/10 both ways); returns the metrics JSON."""
+    from evaclip_cli.data.benchmarks import retrieval_set
+    from evaclip_cli.eval.adapters import ImageSet
+    from evaclip_cli.eval.loops import retrieve
+
+    evalset = retrieval_set(dataset, images=images, split=split)
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+    precision = resolve_precision(precision, device)
+    rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
+    adapter = ImageSet(evalset, loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
+    with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+        r = retrieve(adapter, rt, batch_size, prog)
+    out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_retrieval",
+           "metrics": r["metrics"], "samples": r["samples"], "captions": r["captions"], "skipped": r["skipped"],
+           "language": "en", "layout": evalset.layout}
+    _finish(out, output, quiet, rank, "zero-shot retrieval")
+    return out
+
+
+def run_video(model: str, dataset: str, *, name: Optional[str] = None, task: str = "auto", frames: int = 1,
+              pretrained=None, eva_config=None, arch=None, classnames=None, templates=None,
+              batch_size: int = 32, workers: Optional[int] = None, precision: str = "auto", output=None,
+              quiet: bool = False, loaded=None) -> dict:
+    """``evaclip eval video``: zero-shot classification of a folder/CSV set (``acc1``, ``acc5``,
+    ``mean_per_class_recall``, ``mean_top1_top5``) or video-text retrieval on a ``path,caption`` manifest, with the
+    middle frame (``frames=1``, the paper's protocol) or the mean of ``frames`` segment centres."""
+    from evaclip_cli.eval.adapters import ClipSet
+    from evaclip_cli.eval.loops import classify, retrieve
+    from evaclip_cli.eval.prompts import classifier, resolve_prompts
+
+    path = Path(dataset)
+    if not path.exists():
+        raise UserError(f"{dataset}: no such folder or CSV (a folder of <class>/*.mp4, a label CSV, or a "
+                        "path,caption manifest for retrieval)")
+    if frames < 1:
+        raise UserError(f"--frames must be >= 1 (1: the middle frame, the paper's protocol), got {frames}")
+    if task == "auto":
+        task = "retrieval" if is_retrieval_manifest(path) else "classification"
+    label = name or (path.stem if path.is_file() else path.name)
+    protocol = "middle frame" if frames == 1 else f"mean of {frames} frames"
+    # the set is listed and its prompts checked before the model loads (minutes for an 18B); the clips' size is
+    # the model's
+    if task == "retrieval":
+        from evaclip_cli.data.video import load_video_retrieval
+
+        ds, captions, owner = load_video_retrieval(path, frames, 0)
+        adapter = ClipSet(ds, label, frames, 0, captions=captions, owner=owner)
+    else:
+        adapter = video_classification(path, None, frames, label)
+        names, tpls = resolve_prompts(adapter, label, classnames, templates)
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+    adapter.set_image_size(loaded.image_size)
+    rt = _runtime(loaded, device, rank, world, batch_size, workers, resolve_precision(precision, device))
+    if task == "retrieval":
+        with Progress(len(adapter), path.name, not quiet and rank == 0) as prog:
+            r = retrieve(adapter, rt, 256, prog)
+        out = {"dataset": label, "model": str(model), "task": "video_retrieval", "metrics": r["metrics"],
+               "samples": r["samples"], "captions": r["captions"], "skipped": r["skipped"], "language": "en",
+               "frames": frames}
+        _finish(out, output, quiet, rank, f"zero-shot video retrieval ({protocol})")
+        return out
+    W, _ = classifier(loaded, names, tpls, device, 256, rt.autocast)
+    with Progress(len(adapter), path.name, not quiet and rank == 0) as prog:
+        r = classify(adapter, W, rt, prog)
+    if r["samples"] == 0:
+        raise UserError(f"{path}: none of the {len(adapter)} clips could be decoded")
+    m = {"acc1": r["acc1"], "acc5": r["acc5"], "mean_per_class_recall": r["mean_per_class_recall"],
+         "mean_top1_top5": (r["acc1"] + r["acc5"]) / 2}
+    out = {"dataset": label, "model": str(model), "task": "video_classification", "metrics": m,
+           "samples": r["samples"], "skipped": r["skipped"], "language": "en", "frames": frames,
+           "classes": len(names), "templates": len(tpls)}
+    _finish(out, output, quiet, rank, f"zero-shot video classification ({protocol})")
+    return out
+
+
+def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, eva_config=None, arch=None,
+              batch_size=256, workers=None, precision="auto", cache=True, fast_decode=False, frames=None,
+              quiet=False) -> dict:
+    """``evaclip eval suite``: every dataset of the suites found under ``root``, one model load; writes
+    ``results.json``/``.md``/``.png`` to ``out_dir`` (default ``eval/<model name>``)."""
+    from rich.console import Console
+
+    from evaclip_cli.eval.suite import aggregates, headline, load_suite, write_outputs
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset root not found (--root DIR holding one folder per dataset)")
+    specs = [load_suite(s) for s in suites]
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
+    console = Console(quiet=quiet or rank != 0)
+    results, missing, failed, per_suite = [], [], [], []
+    for suite in specs:
+        rows = []
+        for d in suite["datasets"]:
+            path = next((root / c for c in d["dirs"] if (root / c).exists()), None)
+            if path is None:
+                missing.append(d["name"])
+                continue
+            try:
+                if d["task"] == "zeroshot":
+                    r = run_zeroshot(model, str(path), name=d["name"], key=d.get("key"), loaded=loaded,
+                                     batch_size=batch_size, workers=workers, precision=precision, cache=cache,
+                                     fast_decode=fast_decode, quiet=True, pretrained=pretrained)
+                elif d["task"] == "retrieval":
+                    r = run_retrieval(model, str(path), name=d["name"], loaded=loaded, batch_size=batch_size,
+                                      workers=workers, precision=precision, fast_decode=fast_decode, quiet=True)
+                else:
+                    r = run_video(model, str(path), name=d["name"], frames=frames or d.get("frames", 1),
+                                  loaded=loaded, workers=workers, precision=precision, quiet=True)
+            except UserError as e:
+                failed.append(d["name"])
+                console.print(f"[red]{d['name']}[/red]: {e}")
+                continue
+            r["headline"] = {"metric": d["metric"], "value": headline(r, d["metric"])}
+            console.print(f"{d['name']}: {d['metric']} {100 * (r['headline']['value'] or 0):.2f} "
+                          f"({r['samples']:,} samples{', ' + str(r['skipped']) + ' skipped' if r['skipped'] else ''})")
+            rows.append(r)
+        per_suite.append((suite, rows))
+        results += rows
+    aggs, paper = aggregates(per_suite)
+    out = {"model": str(model), "suite": "+".join(s["name"] for s in specs), "results": results, "missing": missing,
+           "failed": failed, "aggregates": aggs, "paper": paper}
+    if rank == 0:
+        out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
+        written = write_outputs(out, out_dir)
+        for task in dict.fromkeys(r["task"] for r in results):
+            print_results([r for r in results if r["task"] == task], f"{task.replace('_', ' ')}: {out['model']}")
+        for k, v in aggs.items():
+            ref = f" (paper, EVA-CLIP-18B: {100 * paper[k]:.1f})" if k in paper else ""
+            console.print(f"[bold]{k}[/bold]: {100 * v:.2f}{ref}")
+        if missing:
+            console.print(f"[yellow]not found under {root}[/yellow]: {', '.join(missing)}")
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training eval
+@dataclass
+class LiveSet:
+    """A set training evaluates periodically: an image classification set (any layout ``evaclip eval zeroshot``
+    reads) or, with ``task="video"``, a video classification set read with ``frames`` frames per clip."""
+    name: str
+    path: Path
+    task: str = "zeroshot"
+    frames: int = 1
+
+
+def evaluate_live(model, spec, sets: list, *, device, rank: int = 0, world: int = 1, batch_size: int = 256,
+                  dtype=None) -> dict:
+    """Zero-shot accuracy of the model being trained (any ZeRO stage; every rank calls this) on each set:
+    ``{name}/acc1``, ``{name}/acc5``, ``{name}/chance`` (and ``{name}/skipped`` when items were unreadable).
+
+    The same adapters, prompts, classifier and loop as ``evaclip eval``, with the model's open_clip preprocessing
+    (``LoadedClip.live``): an eval of the final step gives ``evaclip eval -d PATH``'s numbers for the exported model
+    (class names and templates: the set's own files, else the shipped ones for its folder name). The
+    classifier is never cached (the weights change); ``dtype`` is the engine's weight dtype (inputs are cast to it);
+    a video set takes ``batch_size // frames`` clips per forward."""
+    from evaclip_cli.eval.loops import Runtime, classify
+    from evaclip_cli.eval.prompts import classifier, resolve_prompts
+    from evaclip_cli.models.loaded import LoadedClip
+
+    loaded = LoadedClip.live(model, spec)
+    out = {}
+    for s in sets:
+        if s.task == "video":
+            adapter = video_classification(s.path, loaded, s.frames, s.name)
+            bs = max(1, batch_size // s.frames)
+        else:
+            if not Path(s.path).exists():
+                raise UserError(f"{s.path}: eval set '{s.name}' not found")
+            adapter = image_classification(str(s.path), loaded)
+            bs = batch_size
+        names, tpls = resolve_prompts(adapter, None)  # as `evaclip eval -d PATH`: the set's own name picks them
+        W, _ = classifier(loaded, names, tpls, device, batch_size)
+        res = classify(adapter, W, Runtime(loaded, device, rank, world, bs, 0, dtype))
+        out[f"{s.name}/acc1"] = res["acc1"]
+        out[f"{s.name}/acc5"] = res["acc5"]
+        out[f"{s.name}/chance"] = 1.0 / len(names)
+        if res["skipped"]:
+            out[f"{s.name}/skipped"] = res["skipped"]
+    return out

@@ -112,7 +112,8 @@ class ClipStage(LoaderStage):
             sources, image_size=self.spec.vision.image_size, micro_batch=r.data.micro_batch, workers=r.data.workers,
             tokenizer=self.tokenizer, seed=r.seed, rank=ctx.info.rank, world_size=ctx.info.world_size,
             resampled=r.data.resampled, shuffle_buffer=r.data.shuffle_buffer, scale=tuple(r.data.aug.scale),
-            interpolation=r.data.aug.interpolation, hflip=r.data.aug.hflip, start_state=state)
+            interpolation=r.data.aug.interpolation, hflip=r.data.aug.hflip, start_state=state,
+            max_skipped=r.data.max_skipped_in_a_row)
         return self._data
 
     # ---- loss ------------------------------------------------------------------------------------------------
@@ -141,23 +142,29 @@ class ClipStage(LoaderStage):
         return img, {}
 
     # ---- eval ------------------------------------------------------------------------------------------------
-    def evaluate(self, ctx, step):
-        from evaclip_cli.eval.core import zeroshot_on_folder
+    def live_eval_sets(self) -> list:
+        """The sets evaluated periodically (``eval.runner.LiveSet``; the video stage adds its video sets)."""
+        from evaclip_cli.eval.runner import LiveSet
 
-        if not self.eval_sets:
+        return [LiveSet(name, Path(path)) for name, path in self.eval_sets]
+
+    def evaluate(self, ctx, step):
+        """Zero-shot accuracy on the eval sets: ``evaclip eval``'s core (same preprocessing, prompts, classifier,
+        skip-and-count rule) on the model being trained, with full-length text attention for the prompts."""
+        import torch
+
+        from evaclip_cli.eval.runner import evaluate_live
+
+        sets = self.live_eval_sets()
+        if not sets:
             return {}
+        dtype = getattr(self, "_dtype", None) or {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.recipe.deepspeed.precision, torch.float32)
         model = ctx.engine.module
         model.text.attn_mask = self._full_attn_mask  # full-length class prompts
         try:
-            out = {}
-            for name, path in self.eval_sets:
-                res = zeroshot_on_folder(model, path, self.spec, ctx.device, rank=ctx.info.rank,
-                                         world_size=ctx.info.world_size, batch_size=self.recipe.eval.batch_size,
-                                         dtype=self._dtype if hasattr(self, "_dtype") else None)
-                out[f"{name}/acc1"] = res["acc1"]
-                out[f"{name}/acc5"] = res["acc5"]
-                out[f"{name}/chance"] = res["chance"]
-            return out
+            return evaluate_live(model, self.spec, sets, device=ctx.device, rank=ctx.info.rank,
+                                 world=ctx.info.world_size, batch_size=self.recipe.eval.batch_size, dtype=dtype)
         finally:
             n = self.recipe.text_tokens()
             if n < self.spec.text.context_length:
