@@ -527,3 +527,17 @@ def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: 
         _render(r)
     return r
 
+
+def per_rank_states(recipe) -> str:
+    """One line for ``--dry-run``: the recipe's model built on the meta device (no allocation) and, for its own
+    world size (``compute.gpus``) and ZeRO stage, the bytes of parameters, gradients and optimizer states each rank
+    holds."""
+    r = estimate(recipe)
+    stage = recipe.deepspeed.zero_stage
+    st = next(x for x in r["memory"]["stages"] if x["zero_stage"] == stage)
+    ranks = r["cluster"]["gpus"]
+    extra = f" + {_gib(st['buffers_bytes'])} GiB gathered-layer buffers" if st.get("buffers_bytes") else ""
+    return (f"model built on the meta device: {r['params']['total']:,} parameters; per rank on {ranks} ranks "
+            f"(ZeRO-{stage}, {recipe.deepspeed.precision}): parameters {_gib(st['weights_bytes'])} GiB, gradients "
+            f"{_gib(st['grads_bytes'])} GiB, optimizer states {_gib(st['optimizer_bytes'])} GiB{extra} "
+            f"(`evaclip estimate` for activations and the fit)")

@@ -242,13 +242,34 @@ class EvalSection(_Section):
 
 
 # --------------------------------------------------------------------------------------------------------- logging
+class WandbSection(_Section):
+    """Weights & Biases, open_clip_train's ``--report-to wandb``: rank 0 logs the resolved recipe as the run config,
+    the TensorBoard scalars (train/*, eval/*), an eval table and curves.png; a resumed run continues the same wandb
+    run (its id is kept in RUN/wandb_run_id). Needs ``pip install 'evaclip[wandb]'``."""
+
+    enabled: bool = False
+    project: str = "evaclip"
+    entity: Optional[str] = None  # team or user; default: wandb's default entity
+    name: Optional[str] = None  # run name; default: the recipe name
+    group: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+    notes: Optional[str] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # default: $WANDB_MODE, else online
+
+
 class LoggingSection(_Section):
     out_dir: str = "runs/{name}"
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_last: int = 3
     tensorboard: bool = True
+    wandb: WandbSection = Field(default_factory=WandbSection)
     max_bad_steps: int = 10  # consecutive NaN/inf losses before the run stops
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _wandb_switch(cls, v):  # `logging.wandb = true` is short for `[logging.wandb] enabled = true`
+        return {"enabled": v} if isinstance(v, bool) else v
 
 
 # --------------------------------------------------------------------------------------------------------- compute
@@ -258,6 +279,9 @@ class ComputeSection(_Section):
     gpu: Literal["a100-40g", "a100-80g", "h100"] = "a100-40g"
     gpus: int = 8
     reported_hours: Optional[float] = None  # wall-clock hours the paper reports for this recipe
+    # intra-op CPU threads per training process; 0: the CPUs this process may use (affinity, cgroup quota) divided by
+    # the ranks on this machine (OMP_NUM_THREADS, when set, wins over 0)
+    threads: int = Field(0, ge=0)
 
 
 class Recipe(_Section):
@@ -476,7 +500,7 @@ _SYNONYMS = {
     "train_batch_size": "global_batch", "warmup": "warmup_steps", "zero": "zero_stage", "stage": "zero_stage",
     "ld": "layer_decay", "layer_decay_rate": "layer_decay", "opt": "name", "optimizer": "name",
     "num_samples": "samples", "train_num_samples": "samples", "model": "arch", "precision": "precision",
-    "grad_checkpointing": "grad_checkpointing", "epochs": "samples", "beta": "betas",
+    "grad_checkpointing": "grad_checkpointing", "epochs": "samples", "beta": "betas", "report_to": "wandb",
 }
 
 

@@ -91,6 +91,7 @@ def check_folder(folder: Path, out: Path):
     torch.testing.assert_close(text, ref["text"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_deepspeed_checkpoint_to_open_clip(case, checkpoint, tmp_path, capsys):
     """API on the checkpoint root (resolves 'latest'), CLI on the tag folder: both equal the engine bit for bit."""
@@ -137,6 +138,7 @@ def test_deepspeed_without_recipe(checkpoint, tmp_path, capsys):
     check_folder(tmp_path / "by_model", out)
 
 
+@pytest.mark.slow
 def test_stage0_bf16_exports_fp32_masters(tmp_path):
     """Without ZeRO a bf16 run's module holds rounded weights; the export takes the fp32 masters instead."""
     from conftest import ROOT

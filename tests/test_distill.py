@@ -32,6 +32,7 @@ def teacher(tiny_clip_folder):
     return tiny_clip_folder
 
 
+@pytest.mark.slow
 def test_distill_then_train_from_student(env, teacher, tmp_path):
     out = tmp_path / "student"
     r = subprocess.run(
@@ -58,6 +59,7 @@ def test_distill_then_train_from_student(env, teacher, tmp_path):
     assert all(torch.equal(got["visual.trunk." + k], v) for k, v in tower.items())
 
 
+@pytest.mark.slow
 def test_distill_two_rank_zero3(env, teacher, tmp_path):
     out = tmp_path / "z3"
     r = subprocess.run([*EVACLIP, "distill", "--teacher", str(teacher), "--out", str(out), "--nproc", "2",
@@ -73,6 +75,7 @@ def test_teacher_grid_mismatch_is_one_line(env, teacher, tmp_path, capsys):
     assert code == 2 and "patch grid" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_weak_to_strong_on_demo(env, tmp_path):
     """Teacher tiny CLIP -> distilled wider/deeper student -> its CLIP beats the same CLIP from random init."""
     sys.path.insert(0, str(ROOT / "bench"))

@@ -140,3 +140,13 @@ def test_progress_rate_keeps_two_significant_digits_when_slow():
     from evaclip_cli.engine.loop import format_rate
 
     assert [format_rate(x) for x in (0.11, 0.0042, 5.34, 53.2, 12345.6)] == ["0.11", "0.0042", "5.3", "53", "12,346"]
+
+
+def test_intra_op_threads_share_the_cpus_among_local_ranks():
+    from evaclip_cli.engine.dist import cpu_budget, intra_op_threads
+
+    n = cpu_budget()
+    assert intra_op_threads(0, 1, {}) == n
+    assert intra_op_threads(0, 2 * n, {}) == 1  # never zero
+    assert intra_op_threads(0, 1, {"OMP_NUM_THREADS": "3"}) == 3  # the user's (or torchrun's) setting wins
+    assert intra_op_threads(5, 1, {"OMP_NUM_THREADS": "3"}) == 5  # the recipe's compute.threads wins over both

@@ -200,3 +200,13 @@ def test_bad_override_exits_2_with_one_line(capsys):
     code, out, err = run_cli(["estimate", "--recipe", "18b", "data.micro_bach=8"], capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "micro_bach" in err
+
+
+def test_dry_run_builds_the_full_model_on_meta_and_prints_per_rank_states(capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["train", "--recipe", "18b", "--dry-run"], capsys)
+    assert code == 0, err
+    line = " ".join(out.split())  # the line may wrap
+    assert "model built on the meta device: 18,325,482,241 parameters; per rank on 360 ranks (ZeRO-3, bf16)" in line
+    assert "optimizer states 0.57 GiB" in line

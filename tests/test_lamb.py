@@ -199,6 +199,7 @@ CASES = {  # id: (stage, worker flags, DeepSpeed's optimizer wrapper)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_zero_matches_unpartitioned_reference(case, tmp_path):
     stage, flags, wrapper = CASES[case]
@@ -211,6 +212,7 @@ def test_zero_matches_unpartitioned_reference(case, tmp_path):
         assert any(-1 in owners[:-1] for _, owners in res["layouts"])
 
 
+@pytest.mark.slow
 def test_shard_wide_trust_ratio_fails_the_comparison(tmp_path):
     """Without attach_to_engine the same optimizer takes one trust ratio per flat shard: the check above fails."""
     res = run_worker(tmp_path, 2, "--naive")

@@ -147,6 +147,7 @@ def test_push_uploads_exact_bytes_in_one_commit_and_loads_back(tiny_folder, hub,
     assert loaded["tokens"] == [1, 32]  # the tiny text tower's context length
 
 
+@pytest.mark.slow
 def test_sharded_conversion_push_equals_dry_run_and_loads_back(tiny_folder, hub, tmp_path):
     """An EVA .pt converted on the way, sharded at a small limit; --dry-run writes exactly what is uploaded."""
     from evaclip_cli.checkpoints.folders import write_eva_file
@@ -235,6 +236,7 @@ def test_run_folder_card_has_training_summary(tiny_folder, tmp_path):
         (run / "final" / "open_clip_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_interrupted_run_converted_from_deepspeed_checkpoint(hub, tmp_path):
     """A run folder with checkpoints/ but no final/ (stopped early): consolidated on the way, the run's recipe and
     metrics in the card, the engine's exact weights on the Hub."""

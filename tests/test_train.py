@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, run_cli
 from helpers.runs import EVACLIP, NAN_AT, metrics, train
 
+@pytest.mark.slow
 def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     out = tmp_path / "run"
     r = train(env, out, "--recipe", "tiny", "--nproc", "2", "deepspeed.zero_stage=3", "optimizer.name=lamb",
@@ -40,6 +41,7 @@ def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     assert (out / "curves.png").is_file() and any((out / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(env, tmp_path):
     args = ["--recipe", "tiny", "data.samples=1280", "data.global_batch=32", "data.micro_batch=16",
             "data.workers=2", "logging.log_every=1", "logging.checkpoint_every=8", "eval.every_steps=0"]
@@ -68,6 +70,7 @@ def test_resume_after_kill_matches_uninterrupted(env, tmp_path):
     assert all(got[k] == ref[k] for k in ref), [(k, got[k], ref[k]) for k in ref if got[k] != ref[k]][:5]
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
     args = ["--recipe", "tiny", "data.samples=640", "data.global_batch=32", "data.micro_batch=32",
             "logging.log_every=5", "eval.every_steps=0"]
@@ -85,6 +88,7 @@ def test_nonfinite_losses_are_skipped_then_stop(env, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_real_data_digits_zero_shot(env, tmp_path):
     """scikit-learn's handwritten digits with captions from the class names: far above chance (10%)."""
     from helpers.realdata import write_digits
@@ -101,6 +105,7 @@ def test_real_data_digits_zero_shot(env, tmp_path):
     assert acc > 0.35
 
 
+@pytest.mark.slow
 def test_clipa_low_res_then_finetune_with_masking(env, tmp_path):
     """CLIPA-v2 in small: pretrain at 32 px with 8 text tokens, fine-tune at 64 px with random masking from it
     (the position embedding is resampled 2x2 -> 4x4)."""
@@ -118,6 +123,7 @@ def test_clipa_low_res_then_finetune_with_masking(env, tmp_path):
         "image_size"] == 64
 
 
+@pytest.mark.slow
 def test_init_from_mim_student_and_eva_text(env, tmp_path):
     """Vision from a MIM-layout student, text from an EVA-layout .pt; with lr 0 the weights are exactly those."""
     import evaclip_cli  # noqa: F401
@@ -150,6 +156,7 @@ def test_init_from_mim_student_and_eva_text(env, tmp_path):
 
 @pytest.mark.parametrize("stage,nproc,extra", [(1, 1, ["model.grad_checkpointing=true"]),
                                                (2, 2, ["optimizer.name=lamb"])])
+@pytest.mark.slow
 def test_zero_stages_export_and_convert(env, tmp_path, stage, nproc, extra):
     out = tmp_path / "run"
     train(env, out, "--recipe", "tiny", "--nproc", str(nproc), f"deepspeed.zero_stage={stage}",

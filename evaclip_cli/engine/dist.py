@@ -127,3 +127,48 @@ def is_multi() -> bool:
     import torch.distributed as tdist
 
     return tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers, Slurm)."""
+    import math
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        q, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if q != "max":
+            quota = int(q) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+            if q > 0:
+                quota = q / period
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def intra_op_threads(requested: int, local_ranks: int, environ=os.environ) -> int:
+    """Threads for torch's intra-op pool: the recipe's ``compute.threads`` if set, else OMP_NUM_THREADS if set
+    (torchrun sets 1 for several ranks), else this process's share of the CPUs it may use. More threads than CPUs
+    make OpenMP threads of different processes spin against each other: a 20x slowdown on a shared box."""
+    if requested > 0:
+        return requested
+    env = environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, cpu_budget() // max(1, local_ranks))
+
+
+def set_threads(requested: int) -> int:
+    """Apply ``intra_op_threads`` to torch in this process; returns the count."""
+    import torch
+
+    n = intra_op_threads(requested, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -77,6 +77,7 @@ def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[s
                             category=FutureWarning)
     tracking.check_available(recipe)  # e.g. wandb asked for and not installed: one line before anything is built
     info = dist.setup()
+    dist.set_threads(recipe.compute.threads)
     out_dir = Path(out_dir or recipe.out_dir())
     console = Console(stderr=False, quiet=quiet or not info.is_main)
     total_steps = recipe.steps
