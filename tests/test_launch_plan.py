@@ -110,6 +110,22 @@ def test_launcher_deepspeed_defaults_to_a_hostfile_named_hostfile(tmp_path, monk
     assert p.command[:3] == ("deepspeed", "--hostfile", "hostfile")
 
 
+def test_a_local_hostfile_needs_no_ssh_and_its_slots_are_the_ranks(tmp_path):
+    hf = tmp_path / "hosts"
+    hf.write_text("# this machine\nlocalhost slots=2\n")
+    p = make(["train", "--recipe", "18b", "--hostfile", str(hf)], recipe="18b", hostfile=hf, port=no_port,
+             master_port=29511)
+    assert p.command[:9] == ("deepspeed", "--hostfile", str(hf), "--no_local_rank", "--no_ssh_check", "--master_addr",
+                             "127.0.0.1", "--master_port", "29511")
+    assert "--num_gpus" not in p.command  # the hostfile's slots decide
+    dry = make(["train", "--recipe", "tiny", "--hostfile", str(hf), "--dry-run"], recipe="tiny", hostfile=hf,
+               dry_run=True, port=no_port)
+    assert dry.summary.startswith("2 process(es)"), dry.summary
+    hf.write_text("localhost slots=two\n")
+    with pytest.raises(UserError, match="no valid slots=N"):
+        make(["train"], hostfile=hf, port=no_port)
+
+
 @pytest.mark.parametrize("opts", [dict(hostfile=Path("/nonexistent/evaclip/hosts")), dict(launcher="deepspeed")])
 def test_missing_hostfile_is_a_user_error(tmp_path, monkeypatch, opts):
     monkeypatch.chdir(tmp_path)  # no ./hostfile either

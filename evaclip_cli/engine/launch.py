@@ -154,16 +154,44 @@ def torchrun_args(nproc: int, nodes: int, node_rank: int, master_addr: Optional[
     return [*args, "--no-python", python, *child_argv(stage_argv)]
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def hostfile_slots(hostfile: Path) -> dict[str, int]:
+    """Host -> slots of a DeepSpeed hostfile ('host slots=N' lines, '#' comments; no slots= means 1)."""
+    out: dict[str, int] = {}
+    for line in hostfile.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        slots = next((f.split("=", 1)[1] for f in fields[1:] if f.startswith("slots=")), "1")
+        if not slots.isdigit() or int(slots) < 1:
+            raise UserError(f"--hostfile {hostfile}: '{line.strip()}' has no valid slots=N")
+        out[fields[0]] = int(slots)
+    return out
+
+
 def deepspeed_args(hostfile: Path, nproc: Optional[int], master_addr: Optional[str],
-                   stage_argv: Sequence[str]) -> list[str]:
-    """DeepSpeed's launcher command for a hostfile (which must exist)."""
+                   stage_argv: Sequence[str], master_port: Optional[int] = None,
+                   local_names: Sequence[str] = LOCAL_HOSTS) -> list[str]:
+    """DeepSpeed's launcher command for a hostfile (which must exist). The hostfile's slots set the processes per
+    host unless ``--nproc`` asks for more than one; a hostfile naming only this machine (``local_names``) needs no
+    ssh, so DeepSpeed's ssh check is skipped and the master is 127.0.0.1."""
     if not hostfile.is_file():
         raise UserError(f"--hostfile {hostfile}: no such file (lines like 'node1 slots=8')")
+    hosts = list(hostfile_slots(hostfile))
+    if not hosts:
+        raise UserError(f"--hostfile {hostfile}: no host listed (lines like 'node1 slots=8')")
     args = ["deepspeed", "--hostfile", str(hostfile), "--no_local_rank"]
-    if nproc:
+    if nproc and nproc > 1:
         args += ["--num_gpus", str(nproc)]
+    if all(h in local_names for h in hosts):
+        args.append("--no_ssh_check")
+        master_addr = master_addr or "127.0.0.1"
     if master_addr:
         args += ["--master_addr", master_addr]
+    if master_port:
+        args += ["--master_port", str(master_port)]
     return [*args, "--module", "evaclip_cli.cli", *strip_launch_args(stage_argv)]
 
 
@@ -217,6 +245,9 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     out_dir = Path(out) if out else recipe.out_dir()
     argv = list(argv)
     world = opts.world
+    if opts.hostfile and Path(opts.hostfile).is_file():  # DeepSpeed's launcher: the hostfile's slots are the ranks
+        slots = hostfile_slots(Path(opts.hostfile))
+        world = opts.nproc * len(slots) if opts.nproc > 1 else sum(slots.values())
     accum = accumulation_steps(recipe.data.global_batch, recipe.data.micro_batch, world)
     if opts.launcher == "slurm":
         sbatch = Sbatch(out_dir / "launch.sbatch", slurm_script(recipe.name, opts.nodes, opts.nproc, out_dir, argv,
@@ -227,7 +258,7 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     target: Union[RunHere, Torchrun, DeepSpeedLauncher]
     if opts.launcher == "deepspeed" or opts.hostfile:
         target = DeepSpeedLauncher(tuple(deepspeed_args(Path(opts.hostfile) if opts.hostfile else Path("hostfile"),
-                                                        opts.nproc, opts.master_addr, argv)))
+                                                        opts.nproc, opts.master_addr, argv, opts.master_port)))
         command = target.command
     elif world > 1:
         target = Torchrun(tuple(torchrun_args(opts.nproc, opts.nodes, opts.node_rank, opts.master_addr,
