@@ -12,6 +12,14 @@ class TrainingStopped(Exception):
     """A run that cannot go on (e.g. too many non-finite losses in a row): one line, exit code 3."""
 
     exit_code = 3
+    every_node = False  # printed by global rank 0 only
+
+
+class PeerLost(TrainingStopped):
+    """Another process of the job died or stopped answering (a node lost mid-step): the survivors stop with one
+    line each node (global rank 0 may be the one that died)."""
+
+    every_node = True
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

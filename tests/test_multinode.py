@@ -32,6 +32,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in metrics(run)[0]]
 
@@ -89,3 +106,45 @@ def test_deepspeed_launcher_with_a_localhost_hostfile_matches_nproc_2(env, refer
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     _assert_same(_losses(run), reference)
+
+
+def test_a_node_that_dies_mid_step_ends_the_other_with_one_line_then_resume(env, tmp_path):
+    import os
+    import signal
+    import time
+
+    run, port = tmp_path / "run", str(_port())
+    args = [*ARGS, "data.samples=64000", "logging.checkpoint_every=10"]  # long enough to be killed mid-run
+    procs = [subprocess.Popen([*EVACLIP, "train", "--out", str(run), *args, "--nodes", "2", "--node-rank", str(k),
+                               "--master-addr", "127.0.0.1", "--master-port", port], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for k in (0, 1)]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (run / "checkpoints" / "global_step10").is_dir() and len(metrics(run)[0]) >= 13:
+                break
+            time.sleep(0.2)
+        for pid in [procs[1].pid, *_descendants(procs[1].pid)]:  # node 1: agent, rank, loader workers at once
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        t0 = time.time()
+        out, err = procs[0].communicate(timeout=120)
+        took = time.time() - t0
+    finally:
+        for p in procs:
+            for pid in [*_descendants(p.pid), p.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert procs[0].returncode == 3, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("evaclip: rank 0 lost another process of the job at step "), lines[0]
+    assert "with --resume auto" in lines[0] and "Traceback" not in err and took < 60, (took, lines)
+    # the job goes on from the last complete checkpoint, here on one machine with 2 processes
+    r = train(env, run, *ARGS, "data.samples=960", "logging.checkpoint_every=10", "--nproc", "2", "--resume", "auto")
+    assert "resumed from" in r.stdout and metrics(run)[0][-1]["step"] == 30

@@ -89,7 +89,7 @@ def main(argv: Optional[list] = None) -> int:
         print("evaclip: interrupted", file=sys.stderr)
         return 130
     except TrainingStopped as e:  # a run that cannot go on: one line, exit code 3
-        if is_rank0(os.environ):
+        if is_rank0(os.environ) or (e.every_node and os.environ.get("LOCAL_RANK", "0") == "0"):
             print(f"evaclip: {e}", file=sys.stderr)
         return e.exit_code
     except Exception as e:

@@ -172,3 +172,20 @@ def set_threads(requested: int) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+_PEER_FAILURE = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket timeout",
+                 "timed out", "timeout", "nccl", "ncclremoteerror", "gloo", "no route to host", "connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the errors a collective raises when another rank died or hangs (gloo/NCCL), not for a bug here."""
+    import torch.distributed as tdist
+
+    backend_error = getattr(tdist, "DistBackendError", None)
+    if backend_error is not None and isinstance(exc, backend_error):
+        return True
+    if not isinstance(exc, RuntimeError) or not is_multi():
+        return False
+    text = str(exc).lower()
+    return any(k in text for k in _PEER_FAILURE)

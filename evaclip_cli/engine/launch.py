@@ -319,12 +319,28 @@ def execute(p: Plan) -> int:
 
 
 def run_torchrun(args: list[str]) -> int:
+    """torchrun in this process; the exit code of the first failed rank. The workers print their own one line, so
+    the agent's failure log is silenced (EVACLIP_DEBUG=1 keeps it); a rank ended by a signal gets a line here."""
+    import logging
+    import os
+    import signal
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    if not os.environ.get("EVACLIP_DEBUG"):
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun_main(args)
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
+        codes = []
+        for rank, f in sorted(e.failures.items()):
+            codes.append(f.exitcode)
+            if f.exitcode is not None and f.exitcode < 0 and -f.exitcode != signal.SIGTERM:
+                try:
+                    name = signal.Signals(-f.exitcode).name
+                except ValueError:
+                    name = f"signal {-f.exitcode}"
+                print(f"evaclip: rank {rank} (pid {f.pid}) was ended by {name}", file=sys.stderr)
         return next((c for c in codes if c not in (0, None)), 1)
     return 0

@@ -19,7 +19,7 @@ from evaclip_cli.engine import resume as ckpt
 from evaclip_cli.engine.config import deepspeed_config
 from evaclip_cli.engine.params import build_param_groups
 from evaclip_cli.engine.stage import Context, Stage
-from evaclip_cli.errors import TrainingStopped, UserError
+from evaclip_cli.errors import PeerLost, TrainingStopped, UserError, first_line
 
 
 def write_recipe(recipe, out_dir: Path) -> Path:
@@ -271,6 +271,13 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
         if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
             _evaluate(ctx, stage, step, track, last_metrics)
         stage.finish(ctx)
+    except Exception as e:
+        if not dist.is_peer_failure(e):
+            raise
+        done = ckpt.list_complete(ckpt_dir)
+        where = f"resume from {done[-1][1]} with --resume auto" if done else "no checkpoint was written yet"
+        raise PeerLost(f"rank {info.rank} lost another process of the job at step {step + 1} "
+                       f"({type(e).__name__}: {first_line(e, 160)}); {where}") from None
     finally:
         if track.jsonl is not None:
             track.jsonl.end(None, ok=True)  # metrics.jsonl complete before the PNG is drawn from it
