@@ -1,18 +1,30 @@
-"""Peak memory of `evaclip convert` against a plain load-rename-save script, on the same EVA checkpoint.
+"""Peak memory of `evaclip convert` against a plain load-rename-save script, on the same EVA checkpoint; and, with
+--real-18b, on checkpoints of EVA-CLIP-18B's real tensor shapes in both released layouts.
 
-Builds an EVA-CLIP checkpoint in the reference key layout (18B style, width and depth set below; ~1.2 GB fp32 by
-default), then measures, each in a fresh subprocess, the peak RSS of
-  (a) evaclip convert SRC OUT --eva-config CFG --max-shard-size 500MB   (memory-mapped source, shard-by-shard write)
+Default mode: builds an EVA-CLIP checkpoint in the reference key layout (18B style, width and depth set below;
+~1.2 GB fp32 by default), then measures, each in a fresh subprocess, the peak RSS of
+  (a) evaclip convert SRC OUT --eva-config CFG --max-shard-size 500MB   (memory-mapped source, tensor-by-tensor write)
   (b) the peer: torch.load(SRC) -> rename keys -> safetensors.save_file  (what a one-off script does)
 and prints both, the checkpoint size, and the ratios.
 
     python bench/convert_memory.py [--width 2048] [--depth 6] [--keep DIR]
+
+--real-18b: synthetic checkpoints with EVA-CLIP-18B's real tensor shapes (vision width 5120, MLP 25600, 40 heads,
+RMSNorm, post-norm; the real 1280-wide 32-layer text tower; embed 1536) and as many of the 48 vision blocks as make
+each checkpoint at least --min-gb (8) on disk and fit the free disk, in
+  (pt) the reference layout as BAAI ships it: one fp16 .pt (EVA_CLIP_18B_psz14_s6B.fp16.pt is 36.7 GB)
+  (hf) BAAI's transformers remote-code layout: config.json + fp32 model-0000N-of-0000M.safetensors + index
+then `evaclip convert` each to an open_clip folder (default 5GB shards, the source's dtype) in a fresh subprocess,
+and reports peak anonymous memory against the checkpoint size and the largest output shard. Goal: peak < largest
+output shard + 1 GB, whatever the checkpoint size. Tensors are zeros (values do not change what is mapped or
+copied); each case's files are deleted after it unless --keep. Needs about 2.2x one checkpoint free on --dir's disk.
+
+    python bench/convert_memory.py --real-18b [--dir /tmp] [--min-gb 8] [--blocks N|max] [--only pt|hf] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -66,14 +78,169 @@ def peak_memory_of(cmd: list[str]) -> tuple[float, float, float]:
     return peak_anon / 1e9, peak_rss / 1e9, dt
 
 
+# ---------------------------------------------------------------------------------------------- --real-18b
+def _real_spec(blocks: int, width: int = 5120, mlp: int = 25600, heads: int = 40, text=(1280, 20, 32)):
+    from evaclip_cli.models.specs import ClipSpec, TextSpec, VisionSpec
+
+    return ClipSpec(embed_dim=1536, vision=VisionSpec(patch_size=14, width=width, depth=blocks, heads=heads,
+                                                      mlp_dim=mlp, norm="rms", qkv_bias=False, post_norm=True),
+                    text=TextSpec(width=text[0], heads=text[1], layers=text[2]))
+
+
+def _shapes(spec) -> dict:
+    """Every tensor of the CLIP (open_clip layout) with its shape, from the model built on the meta device."""
+    from evaclip_cli.models.clip import build_clip
+
+    return {k: tuple(v.shape) for k, v in build_clip(spec, device="meta").state_dict().items()}
+
+
+def _nbytes(shapes: dict, elem: int) -> int:
+    n = 0
+    for s in shapes.values():
+        k = 1
+        for d in s:
+            k *= d
+        n += k * elem
+    return n
+
+
+def _write_pt(spec, path: Path) -> None:
+    """The reference layout as one fp16 .pt, written without holding it in memory (zero pages are never touched:
+    calloc'd tensors read as zeros map the kernel's zero page)."""
+    import torch
+
+    from evaclip_cli.models.keymaps import open_clip_to_eva
+
+    meta = {k: torch.empty(s, device="meta") for k, s in _shapes(spec).items()}
+    names = open_clip_to_eva(meta, separate_qkv=False)
+    state = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in names.items()}
+    torch.save(state, path)
+
+
+def _write_hf(spec, folder: Path, shard_bytes: int) -> None:
+    """BAAI's HF layout (fp32 shards + index + config.json), streamed tensor by tensor."""
+    import json
+
+    import torch
+
+    from evaclip_cli.checkpoints.io import save_safetensors_sharded
+    from evaclip_cli.models.keymaps import LazyCat, open_clip_to_hf
+    from evaclip_cli.models.specs import hf_config_from_spec
+
+    class Zeros(LazyCat):  # a tensor made when the writer asks for it
+        def __init__(self, shape):
+            self.parts, self.dim = [], 0
+            self.shape, self.dtype = torch.Size(shape), torch.float32
+
+        def element_size(self):
+            return 4
+
+        def is_floating_point(self):
+            return True
+
+        def materialize(self):
+            return torch.zeros(self.shape, dtype=self.dtype)
+
+    meta = {k: torch.empty(s, device="meta") for k, s in _shapes(spec).items() if k != "logit_scale"}
+    hf, _ = open_clip_to_hf(meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors_sharded({k: Zeros(v.shape) for k, v in hf.items()}, folder, "model.safetensors",
+                             "model.safetensors.index.json", shard_bytes)
+    (folder / "config.json").write_text(json.dumps(hf_config_from_spec(spec), indent=2))
+
+
+def _largest_file(folder: Path) -> int:
+    return max(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def real_18b(args) -> None:
+    import shutil
+
+    import evaclip_cli  # noqa: F401
+    from evaclip_cli.models.specs import eva_config_from_spec
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="evaclip-bench-18b-", dir=args.dir))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:  # a few MB with the same code paths, to check the script itself
+        mk = lambda n: _real_spec(n, width=256, mlp=1280, heads=2, text=(64, 2, 2))  # noqa: E731
+    else:
+        mk = _real_spec
+    per_block = {"pt": _nbytes(_shapes(mk(2)), 2) - _nbytes(_shapes(mk(1)), 2),
+                 "hf": _nbytes(_shapes(mk(2)), 4) - _nbytes(_shapes(mk(1)), 4)}
+    base = {"pt": _nbytes(_shapes(mk(1)), 2) - per_block["pt"], "hf": _nbytes(_shapes(mk(1)), 4) - per_block["hf"]}
+    min_bytes = 0 if args.smoke else args.min_gb * 1e9
+    free = shutil.disk_usage(work).free
+    print(f"disk: {free / 1e9:.1f} GB free in {work}")
+    base_anon, _, _ = peak_memory_of([sys.executable, "-c", "import torch, open_clip, timm, evaclip_cli"])
+    print(f"imports alone (torch, open_clip, timm): {base_anon:.2f} GB anonymous")
+    rows = []
+    for case in (["pt", "hf"] if args.only is None else [args.only]):
+        if args.blocks == "max":  # as many as the disk holds twice over (source + output), 10 GB kept free
+            blocks = int(((free - 10e9) / 2.2 - base[case]) // per_block[case])
+        else:
+            blocks = int(args.blocks) if args.blocks else max(1, -(-int(min_bytes - base[case]) // per_block[case]))
+        blocks = max(1, min(blocks, 48))
+        size = base[case] + blocks * per_block[case]
+        if 2.2 * size + 1e9 > free and not args.smoke:
+            raise SystemExit(f"{case}: {blocks} blocks make a {size / 1e9:.1f} GB checkpoint; source + output need "
+                             f"~{2.2 * size / 1e9:.1f} GB, {free / 1e9:.1f} GB free in {work} (use --dir elsewhere)")
+        spec = mk(blocks)
+        src = work / ("EVA_CLIP_18B_synthetic.fp16.pt" if case == "pt" else "EVA-CLIP-18B-synthetic-hf")
+        out = work / f"out-{case}"
+        t = time.perf_counter()
+        if case == "pt":
+            cfg = work / "EVA-CLIP-18B-synthetic.json"
+            cfg.write_text(json.dumps(eva_config_from_spec(spec)))
+            if not src.exists():
+                _write_pt(spec, src)
+            cmd_extra = ["--eva-config", str(cfg), "--dtype", args.dtype or "fp16"]
+            on_disk = src.stat().st_size
+        else:
+            if not src.exists():
+                _write_hf(spec, src, 10 * 10**9 if not args.smoke else 2 * 10**6)
+            cmd_extra = ["--dtype", args.dtype or "fp32"]
+            on_disk = sum(p.stat().st_size for p in src.iterdir())
+        made = time.perf_counter() - t
+        cmd = [sys.executable, "-m", "evaclip_cli.cli", "convert", str(src), str(out), "--force",
+               "--max-shard-size", args.max_shard_size, *cmd_extra]
+        anon, rss, secs = peak_memory_of(cmd)
+        shard = _largest_file(out)
+        ok = anon * 1e9 < shard + 1e9
+        rows.append((case, blocks, on_disk, shard, anon, rss, secs))
+        print(f"{case}: {blocks} of 48 vision blocks, checkpoint {on_disk / 1e9:.2f} GB (written in {made:.0f} s); "
+              f"convert peak {anon:.2f} GB anonymous (RSS {rss:.2f} GB incl. mapped pages), {secs:.0f} s; largest "
+              f"output shard {shard / 1e9:.2f} GB; goal peak < shard + 1 GB = {(shard + 1e9) / 1e9:.2f} GB: "
+              f"{'met' if ok else 'NOT met'}")
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(src, ignore_errors=True) if src.is_dir() else src.unlink(missing_ok=True)
+    print("| layout | vision blocks | checkpoint | peak anonymous | x checkpoint | largest output shard | goal |")
+    print("|---|---|---|---|---|---|---|")
+    for case, blocks, on_disk, shard, anon, _, _ in rows:
+        print(f"| {'.pt fp16' if case == 'pt' else 'HF fp32 shards'} | {blocks}/48 | {on_disk / 1e9:.2f} GB | "
+              f"{anon:.2f} GB | {anon * 1e9 / on_disk:.2f} | {shard / 1e9:.2f} GB | "
+              f"{'met' if anon * 1e9 < shard + 1e9 else 'NOT met'} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--keep", type=Path, default=None)
+    ap.add_argument("--real-18b", action="store_true", help="EVA-CLIP-18B's real tensor shapes, .pt and HF layout")
+    ap.add_argument("--dir", type=Path, default=None, help="--real-18b: where the checkpoints go (default: TMPDIR)")
+    ap.add_argument("--min-gb", type=float, default=8.0, help="--real-18b: smallest checkpoint on disk")
+    ap.add_argument("--blocks", default=None,
+                    help="--real-18b: vision blocks, or 'max' (as many as the disk holds; default: from --min-gb)")
+    ap.add_argument("--only", choices=("pt", "hf"), default=None)
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="--real-18b: dtype written (default: the source's, fp16 for .pt, fp32 for HF)")
+    ap.add_argument("--max-shard-size", default="5GB", help="--real-18b: output shards (evaclip's default 5GB)")
+    ap.add_argument("--smoke", action="store_true", help="--real-18b at toy width: checks the script, not memory")
     args = ap.parse_args()
+    if args.real_18b:
+        return real_18b(args)
 
-    import torch
 
     import evaclip_cli  # noqa: F401
     from evaclip_cli.models.specs import ClipSpec, TextSpec, VisionSpec, eva_config_from_spec

@@ -194,25 +194,35 @@ class OutputLock:
         import json
         import time
 
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path, "a+")
-        except OSError as e:
-            raise UserError(f"cannot write {self.what}: {cannot(e, self.path)}") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
+        for _ in range(100):
             try:
-                who = json.loads(fh.read() or "{}")
-            except ValueError:
-                who = {}
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(self.path, "a+")
+            except OSError as e:
+                raise UserError(f"cannot write {self.what}: {cannot(e, self.path)}") from None
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                try:
+                    who = json.loads(fh.read() or "{}")
+                except ValueError:
+                    who = {}
+                fh.close()
+                holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
+                if who.get("since"):
+                    holder += f", since {who['since']}"
+                raise UserError(f"{self.what} is in use by another evaclip process ({holder}); wait for it to "
+                                "finish or choose another output") from None
+            try:  # the holder removes the file when it is done: make sure we locked the file that is there now
+                same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             fh.close()
-            holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
-            if who.get("since"):
-                holder += f", since {who['since']}"
-            raise UserError(f"{self.what} is in use by another evaclip process ({holder}); wait for it to finish "
-                            "or choose another output") from None
+        else:
+            raise UserError(f"cannot lock {self.what}: its lock file keeps changing ({self.path})")
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -221,7 +231,10 @@ class OutputLock:
         return self
 
     def release(self) -> None:
+        """Drop the lock and remove its file (nothing is left beside the output)."""
         if self._fh is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it: a newcomer then locks a fresh file
             self._fh.close()  # closing the descriptor drops the flock
             self._fh = None
 

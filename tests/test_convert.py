@@ -8,6 +8,7 @@ from safetensors import safe_open
 import evaclip_cli  # noqa: F401
 import open_clip
 from evaclip_cli.checkpoints.io import load_state_dict
+from evaclip_cli.errors import UserError
 
 from conftest import REFERENCE, STYLES, run_cli
 
@@ -204,11 +205,12 @@ def test_bad_inputs(tmp_path, capsys):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    """Nothing is written half: a failure mid-write removes the temporary folder, DST never appears."""
-    import safetensors.torch
+    """Nothing is written half: a full disk mid-write (the second shard) is one line, the temporary folder is
+    removed, DST never appears."""
+    from evaclip_cli.checkpoints import io
 
     calls = {"n": 0}
-    real = safetensors.torch.save_file
+    real = io.write_safetensors
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -216,11 +218,11 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", flaky)
+    monkeypatch.setattr(io, "write_safetensors", flaky)
     d = REFERENCE / "b16"
-    with pytest.raises(OSError):
-        from evaclip_cli.checkpoints.convert import run_convert
+    from evaclip_cli.checkpoints.convert import run_convert
 
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'oc'}: no space left on the device"):
         run_convert(d / "model.pt", tmp_path / "oc", eva_config=d / "config.json", max_shard_size="200KB", quiet=True)
     assert list(tmp_path.iterdir()) == []
 

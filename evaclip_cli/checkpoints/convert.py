@@ -1,14 +1,16 @@
-"""``evaclip convert``: EVA reference .pt / MIM / DeepSpeed (ZeRO 0-3) / open_clip / timm folder -> open_clip folder,
-timm folder or the EVA layout.
+"""``evaclip convert``: EVA reference .pt / MIM / DeepSpeed (ZeRO 0-3) / open_clip / timm folder / BAAI's HF
+remote-code folder -> open_clip folder, timm folder, the EVA layout or BAAI's HF layout. The source may be on the Hub
+(``hf-hub:OWNER/NAME[/FILE][@REV]`` or a released name such as ``EVA-CLIP-18B``, see ``checkpoints.hub_source``).
 
 The output is written to a temporary sibling and renamed into place, so an interrupted conversion never leaves a
-half-written folder. Source tensors are memory-mapped where the format allows and written shard by shard.
+half-written folder. Source tensors are memory-mapped where the format allows and written tensor by tensor.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from evaclip_cli.atomic import output_lock
+from evaclip_cli.atomic import cannot, output_lock
 from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
 from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 from evaclip_cli.checkpoints.folders import write_eva_file, write_open_clip_folder, write_timm_folder
@@ -19,10 +21,18 @@ from evaclip_cli.models.openclip_compat import INDEX_NAME, WEIGHTS_NAME
 from evaclip_cli.models.specs import ClipSpec
 
 
-def load_source(src: Path, fmt: str, spec: ClipSpec) -> tuple[dict, dict, str]:
-    """(state in evaclip's open_clip layout, MIM extras, detected layout)."""
+def load_source(src: Path, fmt: str, spec: ClipSpec, notes: Optional[list] = None) -> tuple[dict, dict, str]:
+    """(state in evaclip's open_clip layout, MIM extras, detected layout); what the user should be told about the
+    mapping (BAAI's missing logit_scale, a dropped k bias) is appended to ``notes``."""
     separate = not spec.vision.qkv_fused
-    if fmt == "open_clip":
+    if fmt == "hf":
+        from evaclip_cli.checkpoints.hf_layout import read_hf
+
+        if not src.is_dir():
+            state = load_state_dict(src)
+        else:
+            return read_hf(src, separate, notes), {}, "hf"
+    elif fmt == "open_clip":
         if src.is_dir():
             if (src / WEIGHTS_NAME).is_file():
                 state = load_state_dict(src / WEIGHTS_NAME)
@@ -50,6 +60,13 @@ def load_source(src: Path, fmt: str, spec: ClipSpec) -> tuple[dict, dict, str]:
     layout = detect_layout(state)
     if layout == "open_clip":
         return state, {}, layout
+    if layout == "hf":
+        from evaclip_cli.models.keymaps import hf_to_open_clip
+
+        state, said = hf_to_open_clip(state, separate)
+        if notes is not None:
+            notes.extend(said)
+        return state, {}, layout
     if layout == "eva":
         return eva_to_open_clip(state, separate), {}, layout
     if layout == "mim":
@@ -58,7 +75,7 @@ def load_source(src: Path, fmt: str, spec: ClipSpec) -> tuple[dict, dict, str]:
     if layout == "open_clip_visual":
         return {"visual." + k: v for k, v in state.items()}, {}, layout
     raise UserError(f"{src}: unrecognised key layout (first keys: {', '.join(list(state)[:3])}); expected an EVA-CLIP, "
-                    "MIM or open_clip state dict")
+                    "MIM, BAAI HF or open_clip state dict")
 
 
 def expected_state(spec: ClipSpec) -> dict:
@@ -86,23 +103,60 @@ def run_convert(src, dst, src_format="auto", dst_format="open_clip", eva_config=
                 dtype="auto", max_shard_size="5GB", vision_only=False, force=False, quiet=False) -> list[str]:
     from rich.console import Console
 
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
     console = Console(stderr=True, quiet=quiet)
+    parse_size(max_shard_size)  # validate before any work
+    if dst.exists() and not force:  # before a download of tens of GB, not after
+        raise UserError(f"{dst} exists; pass --force to replace it")
+    src, model = _resolve_hub(src, eva_config, model, recipe, console)
     fmt = detect_format(src, src_format)
     spec = resolve_spec(src, fmt, eva_config, model, recipe)
-    parse_size(max_shard_size)  # validate before any work
+    if dst_format == "hf":  # a tower the layout cannot describe: say so before reading anything
+        from evaclip_cli.models.specs import hf_config_from_spec
+
+        hf_config_from_spec(spec)
     with output_lock(dst):  # two converts into one DST: the second stops with one line
         return _convert(src, dst, fmt, spec, console, dst_format, dtype, max_shard_size, vision_only, force)
+
+
+def _resolve_hub(src, eva_config, model, recipe, console) -> tuple[Path, Optional[str]]:
+    """A Hub source (``hf-hub:...`` or a released name) -> the local file/folder in huggingface_hub's cache; the
+    released name also says the architecture (unless the user named one)."""
+    from evaclip_cli.checkpoints.hub_source import is_hub_source, resolve_source
+
+    text = str(src)
+    if Path(text).exists() or not is_hub_source(text):
+        return Path(text), model
+    got = resolve_source(text, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    if got.arch and not (eva_config or model or recipe):
+        model = got.arch
+    return got.path, model
 
 
 def _convert(src: Path, dst: Path, fmt: str, spec: ClipSpec, console, dst_format: str, dtype, max_shard_size,
              vision_only: bool, force: bool) -> list[str]:
     if dst.exists() and not force:
         raise UserError(f"{dst} exists; pass --force to replace it")
+    notes: list[str] = []
     with console.status(f"reading {src} ({fmt})"):
-        state, extras, layout = load_source(src, fmt, spec)
+        state, extras, layout = load_source(src, fmt, spec, notes)
     vision_only = vision_only or layout in ("mim", "open_clip_visual")
     state = fit_to_expected(state, expected_state(spec), str(src), vision_only)
+    try:
+        files, kind = _write(state, extras, spec, src, dst, dst_format, layout, dtype, max_shard_size, vision_only,
+                             force, notes)
+    except OSError as e:  # a full disk, a read-only folder: the temporary output is gone, DST untouched
+        raise UserError(f"cannot write {dst}: {cannot(e, dst)}") from None
+    for line in notes:
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)
+    n = sum(t.numel() for t in state.values())
+    console.print(f"[green]wrote[/green] {dst} ({kind}; {len(state)} tensors, {n:,} parameters, layout {layout}): "
+                  f"{', '.join(files)}", soft_wrap=True)
+    return files
+
+
+def _write(state: dict, extras: dict, spec: ClipSpec, src: Path, dst: Path, dst_format: str, layout: str, dtype,
+           max_shard_size, vision_only: bool, force: bool, notes: list) -> tuple[list[str], str]:
     if dst_format == "open_clip":
         if vision_only:
             files = write_timm_folder(state, spec, dst, dtype, max_shard_size, force, extras or None)
@@ -110,10 +164,15 @@ def _convert(src: Path, dst: Path, fmt: str, spec: ClipSpec, console, dst_format
         else:
             files = write_open_clip_folder(state, spec, dst, dtype, max_shard_size, force)
             kind = "open_clip folder"
+    elif dst_format == "hf":
+        from evaclip_cli.checkpoints.hf_layout import write_hf_folder
+
+        if vision_only:
+            raise UserError(f"{src}: --to hf writes a whole CLIP (BAAI's EvaCLIPModel); this is a vision tower only "
+                            f"({layout})")
+        files = write_hf_folder(state, spec, dst, dtype, max_shard_size, force, notes)
+        kind = "BAAI HF remote-code layout"
     else:
         files = write_eva_file(state, spec, dst, dtype, force, extras)
         kind = "EVA reference layout"
-    n = sum(t.numel() for t in state.values())
-    console.print(f"[green]wrote[/green] {dst} ({kind}; {len(state)} tensors, {n:,} parameters, layout {layout}): "
-                  f"{', '.join(files)}")
-    return files
+    return files, kind

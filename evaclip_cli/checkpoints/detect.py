@@ -1,5 +1,5 @@
-"""What a checkpoint is: its format (open_clip folder, timm folder, DeepSpeed folder, EVA file) and the architecture
-it holds (from its own config, a recipe beside it, or what the user names).
+"""What a checkpoint is: its format (open_clip folder, timm folder, BAAI's HF remote-code folder, DeepSpeed folder,
+EVA file) and the architecture it holds (from its own config, a recipe beside it, or what the user names).
 """
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def resolve_spec(src: Path, fmt: str, eva_config: Optional[Path], model: Optiona
         return load_recipe(recipe).recipe.spec()
     if fmt == "open_clip":
         return spec_from_open_clip_cfg(read_json(src / CONFIG_NAME, "open_clip config"))
+    if fmt == "hf":
+        from evaclip_cli.checkpoints.hf_layout import CONFIG, read_config, spec_of
+
+        folder = src if src.is_dir() else src.parent
+        if read_config(folder) is None:
+            raise UserError(f"{folder / CONFIG}: not BAAI's EvaCLIP config.json (vision_config, text_config and an "
+                            "auto_map to configuration_evaclip); pass --model NAME for a bare state dict")
+        return spec_of(folder)
     if fmt == "timm":
         cfg = read_json(src / "config.json", "timm config")
         vision = cfg.get("evaclip", {}).get("vision_spec")
@@ -54,6 +62,11 @@ def resolve_spec(src: Path, fmt: str, eva_config: Optional[Path], model: Optiona
 
             return load_recipe(str(found)).recipe.spec()
         raise UserError(f"{src}: no {RECIPE_FILES[0]} next to the checkpoint; pass --recipe NAME or --model NAME")
+    if fmt == "eva":
+        from evaclip_cli.checkpoints.hf_layout import hf_config_for_file, spec_of
+
+        if hf_config_for_file(src) is not None:  # one weights file of a BAAI HF folder: its config.json is beside it
+            return spec_of(src.parent)
     raise UserError(f"{src}: the architecture is not stored in an EVA checkpoint; pass --eva-config CONFIG.json "
                     "(the reference repo's model config) or --model NAME (e.g. EVA-CLIP-18B)")
 
@@ -73,12 +86,19 @@ def detect_format(src: Path, requested: str) -> str:
     if requested != "auto":
         return requested
     if src.is_dir():
+        from evaclip_cli.checkpoints.hf_layout import is_hf_dir
+
         if (src / CONFIG_NAME).is_file():
             return "open_clip"
         if (src / "config.json").is_file() and _is_timm_folder(src):
             return "timm"
+        if is_hf_dir(src):
+            return "hf"
         if is_deepspeed_dir(src):
             return "deepspeed"
-        raise UserError(f"{src}: a folder that is neither an open_clip folder ({CONFIG_NAME}) nor a DeepSpeed "
-                        "checkpoint ('latest', global_step*/); pass --from")
+        if (src / "config.json").is_file():
+            raise UserError(f"{src}: config.json is neither BAAI's EvaCLIP config (vision_config, text_config, "
+                            "auto_map to configuration_evaclip) nor a timm config; pass --from")
+        raise UserError(f"{src}: a folder that is neither an open_clip folder ({CONFIG_NAME}), BAAI's HF layout "
+                        "(config.json) nor a DeepSpeed checkpoint ('latest', global_step*/); pass --from")
     return "eva"

@@ -1,23 +1,37 @@
 """Initialise a tower from a checkpoint: a distilled MIM student, an evaclip/open_clip folder, an EVA .pt, a timm
-tower folder or a DeepSpeed run. Works on ZeRO-3 partitioned models (rank 0 reads, GatheredParameters writes).
+tower folder, BAAI's HF folder or a DeepSpeed run, local or on the Hub (``hf-hub:OWNER/NAME[/FILE][@REV]``, a
+released name such as ``EVA-18B``). Works on ZeRO-3 partitioned models (rank 0 reads, GatheredParameters writes).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
-from evaclip_cli.errors import UserError
 from evaclip_cli.checkpoints.io import load_state_dict
+from evaclip_cli.errors import UserError
 from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
 
 
-def read_any(path: str | Path, separate_qkv: bool = False) -> dict:
-    """Any supported source -> a state dict in evaclip's open_clip layout (``visual.trunk.*``, ``text.*``)."""
+def read_any(path: str | Path, separate_qkv: bool = False, lazy: bool = False) -> dict:
+    """Any supported source -> a state dict in evaclip's open_clip layout (``visual.trunk.*``, ``text.*``).
+
+    A Hub source (``hf-hub:...``, a released name) is fetched into huggingface_hub's cache first. BAAI's HF layout
+    gets its q/k/v fused; with ``lazy`` those stay ``models.keymaps.LazyCat`` (computed when copied into the model,
+    one at a time: what ``load_into`` does), else every value is a tensor."""
+    from evaclip_cli.checkpoints.hub_source import resolve_path
+    from evaclip_cli.models.keymaps import materialize_state
+
+    state = _read_any(resolve_path(str(path))[0], separate_qkv)
+    return state if lazy else materialize_state(state)
+
+
+def _read_any(p: Path, separate_qkv: bool) -> dict:
     from evaclip_cli.checkpoints.deepspeed import is_deepspeed_dir, load_deepspeed_state
+    from evaclip_cli.checkpoints.hf_layout import is_hf_dir, read_hf
+    from evaclip_cli.models.keymaps import hf_to_open_clip
     from evaclip_cli.models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, load_sharded_safetensors
 
-    p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file or directory (init checkpoint)")
     if p.is_dir():
@@ -28,15 +42,19 @@ def read_any(path: str | Path, separate_qkv: bool = False) -> dict:
             f = p / "model.safetensors"
             trunk = load_state_dict(f) if f.is_file() else load_sharded_safetensors(p / "model.safetensors.index.json")
             return {"visual.trunk." + k: v for k, v in trunk.items()}
+        elif is_hf_dir(p):
+            return read_hf(p, separate_qkv)
         elif is_deepspeed_dir(p):
             state = load_deepspeed_state(p)
         elif (p / "final").is_dir():  # an evaclip run folder
-            return read_any(p / "final", separate_qkv)
+            return _read_any(p / "final", separate_qkv)
         else:
-            raise UserError(f"{p}: not an open_clip, timm or DeepSpeed checkpoint folder")
+            raise UserError(f"{p}: not an open_clip, timm, BAAI HF or DeepSpeed checkpoint folder")
     else:
         state = load_state_dict(p)
     layout = detect_layout(state)
+    if layout == "hf":
+        return hf_to_open_clip(state, separate_qkv)[0]
     if layout == "eva":
         return eva_to_open_clip(state, separate_qkv)
     if layout == "mim":
@@ -101,7 +119,7 @@ def init_from_recipe(model, init_cfg, separate_qkv: bool, is_main: bool, zero3: 
     for tower, src in (("visual.", init_cfg.vision), ("text.", init_cfg.text)):
         if not src:
             continue
-        state = read_any(src, separate_qkv) if is_main or not zero3 else {}
+        state = read_any(src, separate_qkv, lazy=True) if is_main or not zero3 else {}
         if zero3:  # only rank 0 reads the file; the others need the key set and shapes to walk the same params
             from evaclip_cli.engine.dist import all_gather_object
 

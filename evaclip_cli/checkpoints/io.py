@@ -12,7 +12,7 @@ from evaclip_cli.errors import UserError, first_line
 from evaclip_cli.models.openclip_compat import load_sharded_safetensors
 
 __all__ = ["load_state_dict", "load_sharded_safetensors", "unwrap", "read_json", "parse_size", "torch_dtype", "cast",
-           "save_safetensors_sharded"]
+           "save_safetensors_sharded", "write_safetensors", "load_safetensors_mmap", "load_sharded_safetensors_mmap"]
 
 WRAPPERS = ("module", "state_dict", "model")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -32,11 +32,14 @@ def load_state_dict(path: str | Path, mmap: bool = True) -> dict:
         raise UserError(f"{path}: empty file (0 bytes); the download or copy did not finish: fetch it again")
     try:
         if name.endswith(".safetensors.index.json"):
-            obj = load_sharded_safetensors(path)
+            obj = load_sharded_safetensors_mmap(path) if mmap else load_sharded_safetensors(path)
         elif name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            if mmap:
+                obj = load_safetensors_mmap(path)
+            else:
+                from safetensors.torch import load_file
 
-            obj = load_file(str(path))
+                obj = load_file(str(path))
         else:
             try:
                 obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -63,7 +66,8 @@ def unwrap(obj, where: str = "checkpoint") -> dict:
             break
         obj, depth = inner, depth + 1
     if not isinstance(obj, dict) or not obj:
-        raise UserError(f"{where}: no state dict found (expected tensors, possibly under 'module'/'state_dict'/'model')")
+        raise UserError(f"{where}: no state dict found (expected tensors, possibly under "
+                        "'module'/'state_dict'/'model')")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise UserError(f"{where}: holds no tensors")
@@ -106,13 +110,11 @@ def cast(t, dtype):
 
 def save_safetensors_sharded(state: dict, folder: Path, weights_name: str, index_name: str, max_shard_bytes: int,
                              dtype=None, metadata: Optional[dict] = None) -> list[str]:
-    """Write ``state`` as one safetensors file, or as shards + an index (the Hub's convention) above the limit."""
-    from safetensors.torch import save_file
+    """Write ``state`` as one safetensors file, or as shards + an index (the Hub's convention) above the limit.
 
-    import torch
-
-    sizes = {k: v.numel() * (v.element_size() if dtype is None or not v.is_floating_point()
-                             else torch.empty((), dtype=dtype).element_size()) for k, v in state.items()}
+    Streams: each shard is written tensor by tensor (:func:`write_safetensors`), so the memory a conversion needs is
+    one tensor (cast to ``dtype``), not a shard or the model."""
+    sizes = {k: v.numel() * _element_size(v, dtype) for k, v in state.items()}
     total = sum(sizes.values())
     groups: list[list[str]] = [[]]
     acc = 0
@@ -124,15 +126,135 @@ def save_safetensors_sharded(state: dict, folder: Path, weights_name: str, index
         acc += sizes[k]
     meta = {"format": "pt", **(metadata or {})}
     if len(groups) == 1:
-        save_file({k: cast(state[k], dtype) for k in groups[0]}, str(folder / weights_name), metadata=meta)
+        write_safetensors(folder / weights_name, {k: state[k] for k in groups[0]}, dtype, meta)
         return [weights_name]
     stem = weights_name[: -len(".safetensors")]
     names, weight_map = [], {}
     for i, keys in enumerate(groups, 1):
         name = f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: cast(state[k], dtype) for k in keys}, str(folder / name), metadata=meta)
+        write_safetensors(folder / name, {k: state[k] for k in keys}, dtype, meta)
         names.append(name)
         weight_map.update({k: name for k in keys})
     (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
     return [*names, index_name]
+
+
+# ------------------------------------------------------------------------------------ safetensors, streamed
+_ST_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _st_code(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    if name not in _ST_CODES:
+        raise UserError(f"cannot write a {name} tensor to safetensors")
+    return _ST_CODES[name]
+
+
+def _element_size(t, dtype) -> int:
+    import torch
+
+    if dtype is not None and t.is_floating_point():
+        return torch.empty((), dtype=dtype).element_size()
+    return t.element_size()
+
+
+def write_safetensors(path: Path, tensors: dict, dtype=None, metadata: Optional[dict] = None) -> None:
+    """One safetensors file written tensor by tensor: the header is computed from shapes and dtypes, then each tensor
+    (a tensor, a memory-mapped one, or a lazy one such as ``models.keymaps.LazyCat``) is cast and written on its own,
+    so at most one converted tensor is in memory. Tensors are laid out by element size, largest first (as the
+    safetensors library does), so every tensor is aligned for memory-mapped reading."""
+    import struct
+
+    import torch
+
+    from evaclip_cli.models.keymaps import materialize
+
+    order = sorted(tensors, key=lambda k: (-_element_size(tensors[k], dtype), k))
+    header: dict = {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        n = t.numel() * _element_size(t, dtype)
+        header[k] = {"dtype": _st_code(out_dtype), "shape": [int(d) for d in t.shape],
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(a): str(b) for a, b in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            t = cast(materialize(tensors[k]), dtype)
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+def load_safetensors_mmap(path: str | Path) -> dict:
+    """``{name: tensor}`` backed by a private memory map of the file: nothing is read until used, and the pages are
+    the page cache's (file-backed), not the process's, whatever the installed safetensors version does."""
+    import mmap
+    import struct
+
+    import torch
+
+    path = Path(path)
+    codes = {v: getattr(torch, k) for k, v in _ST_CODES.items()}
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: not a safetensors file (too short); is the file complete?")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise UserError(f"{path}: not a safetensors file (header of {n} bytes); is the file complete?")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path}: not a safetensors file (unreadable header); is the file complete?") from None
+        size = path.stat().st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = codes.get(info.get("dtype"))
+        if dt is None:
+            raise UserError(f"{path}: tensor '{name}' has dtype {info.get('dtype')}, which evaclip does not read")
+        start, end = (int(x) for x in info["data_offsets"])
+        shape = [int(d) for d in info["shape"]]
+        if 8 + n + end > size:
+            raise UserError(f"{path}: truncated ({size} bytes, tensor '{name}' ends at {8 + n + end}); fetch it again")
+        elem = torch.empty((), dtype=dt).element_size()
+        count = (end - start) // elem
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dt)
+        elif (8 + n + start) % elem == 0 and mm is not None:
+            out[name] = torch.frombuffer(mm, dtype=dt, count=count, offset=8 + n + start).reshape(shape)
+        else:  # unaligned (not written by the safetensors library): copy this one
+            assert mm is not None
+            out[name] = torch.frombuffer(bytearray(mm[8 + n + start: 8 + n + end]), dtype=dt).reshape(shape)
+    return out
+
+
+def load_sharded_safetensors_mmap(index_path: str | Path) -> dict:
+    """One state dict from a ``*.safetensors.index.json`` and the shards beside it, memory-mapped."""
+    index_path = Path(index_path)
+    index = read_json(index_path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index_path}: not a safetensors index (no weight_map)")
+    state: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index_path.parent / shard).is_file():
+            raise UserError(f"{index_path}: shard {shard} is missing; copy or download the whole folder")
+        state.update(load_safetensors_mmap(index_path.parent / shard))
+    missing = set(weight_map) - set(state)
+    if missing:
+        raise UserError(f"{index_path}: {len(missing)} tensors listed in the index are in no shard "
+                        f"(first: {sorted(missing)[0]})")
+    return state

@@ -7,8 +7,11 @@
     checkpoint folder (ZeRO 0-3, consolidated on the fly; architecture from the run's recipe);
   * an EVA reference ``.pt``/``.bin``/``.safetensors`` with ``eva_config`` (the reference repo's JSON) or a released
     name (``EVA-CLIP-18B``) as ``arch``;
-  * an open_clip model name (``ViT-B-32``, or a released EVA name) with ``pretrained`` = a local weights file.
-Nothing is downloaded.
+  * BAAI's transformers remote-code folder (``config.json`` + shards of BAAI/EVA-CLIP-8B, -18B): the architecture
+    from its config.json;
+  * an open_clip model name (``ViT-B-32``, or a released EVA name) with ``pretrained`` = a local weights file;
+  * a Hub source: ``hf-hub:OWNER/NAME[/FILE][@REV]`` or a released name (``EVA-CLIP-8B``) without ``pretrained``,
+    fetched into huggingface_hub's cache first (``checkpoints.hub_source``), then loaded as above.
 """
 from __future__ import annotations
 
@@ -63,8 +66,9 @@ def _from_state(state: dict, spec, device: str, name: str, source: str) -> Loade
 
     from evaclip_cli.checkpoints.convert import expected_state, fit_to_expected
     from evaclip_cli.models.clip import build_clip
+    from evaclip_cli.models.keymaps import materialize_state
 
-    state = fit_to_expected(state, expected_state(spec), name, vision_only=False)
+    state = materialize_state(fit_to_expected(state, expected_state(spec), name, vision_only=False))
     model = build_clip(spec)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
@@ -78,6 +82,21 @@ def _from_state(state: dict, spec, device: str, name: str, source: str) -> Loade
 
 def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None, pretrained: Optional[str] = None,
               arch: Optional[str] = None) -> LoadedClip:
+    from evaclip_cli.checkpoints.hub_source import is_hub_source, resolve_source
+
+    if pretrained is not None and not Path(pretrained).exists() and str(pretrained).startswith("hf-hub:"):
+        pretrained = str(resolve_source(pretrained).path)
+    if pretrained is None and not Path(model).exists() and is_hub_source(model):
+        got = resolve_source(model)
+        loaded = _load_local(str(got.path), device, eva_config, None, arch or (got.arch if not eva_config else None))
+        loaded.name = model.split("/")[-1] if model.startswith("hf-hub:") else model
+        loaded.extra["resolved"] = str(got.path)  # the cache snapshot (its path names the commit): a fingerprint
+        return loaded
+    return _load_local(model, device, eva_config, pretrained, arch)
+
+
+def _load_local(model: str, device: str, eva_config: Optional[str], pretrained: Optional[str],
+                arch: Optional[str]) -> LoadedClip:
     from evaclip_cli.checkpoints.convert import load_source
     from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 
@@ -99,13 +118,14 @@ def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None,
         return _from_state(state, spec, device, run or str(path), fmt)
     if pretrained is None:
         raise UserError(f"{model}: no such file or folder (give an open_clip folder, a run folder, a DeepSpeed "
-                        "checkpoint, an EVA .pt with --eva-config, or a model name with --pretrained FILE)")
+                        "checkpoint, BAAI's HF folder, an EVA .pt with --eva-config, hf-hub:OWNER/NAME[/FILE], a "
+                        "released name such as EVA-CLIP-8B, or a model name with --pretrained FILE)")
     weights = Path(pretrained)
     if not weights.is_file():
-        raise UserError(f"{pretrained}: weights file not found (evaclip eval never downloads; give a local file)")
-    from evaclip_cli.models.specs import ALIASES, ARCHS
+        raise UserError(f"{pretrained}: weights file not found (give a local file or hf-hub:OWNER/NAME/FILE)")
+    from evaclip_cli.models.specs import ALIASES, ARCHS, RELEASED
 
-    if model in ALIASES or model in ARCHS:  # a released EVA name + the reference .pt
+    if model in ALIASES or model in ARCHS or model in RELEASED:  # a released EVA name + the reference .pt
         spec = resolve_spec(weights, detect_format(weights, "auto"), Path(eva_config) if eva_config else None,
                             model, None)
         state, _, _ = load_source(weights, "eva", spec)

@@ -44,6 +44,10 @@ def _plan_or_launch(ctx: typer.Context, stage: str, recipe: str, overrides: list
     plan = launch.plan(stage, r, opts, command_line(ctx), recipe_ref=recipe, out=out,
                        under_launcher=launch.under_launcher(os.environ), free_port=launch.free_port)
     if not isinstance(plan, launch.RunHere):
+        if isinstance(plan, (launch.Torchrun, launch.DeepSpeedLauncher)):
+            from evaclip_cli.engine.tracking import check_available
+
+            check_available(r)  # once here, not once per rank
         code = launch.execute(plan)
         if isinstance(plan, launch.DryRun) and not isinstance(plan.target, launch.Sbatch):
             from rich.console import Console

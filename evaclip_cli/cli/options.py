@@ -21,9 +21,9 @@ def complete_recipe(incomplete: str) -> list[str]:
 
 
 def complete_model(incomplete: str) -> list[str]:
-    from evaclip_cli.models.specs import ALIASES, ARCHS
+    from evaclip_cli.models.specs import ALIASES, ARCHS, RELEASED
 
-    return [n for n in [*ALIASES, *ARCHS] if n.startswith(incomplete)]
+    return [n for n in dict.fromkeys([*ALIASES, *RELEASED, *ARCHS]) if n.startswith(incomplete)]
 
 
 def complete_suite(incomplete: str) -> list[str]:
@@ -79,11 +79,12 @@ Resume = Annotated[Optional[str], typer.Option(
 
 # ----------------------------------------------------------------------------------------------------- eval
 Model = Annotated[str, typer.Option(
-    "--model", "-m", help="open_clip folder, evaclip run folder, DeepSpeed checkpoint, EVA .pt (with "
-    "--eva-config/--arch), or an open_clip model name with --pretrained FILE.")]
+    "--model", "-m", help="open_clip folder, evaclip run folder, DeepSpeed checkpoint, BAAI's HF folder, EVA .pt "
+    "(with --eva-config/--arch), hf-hub:OWNER/NAME\\[/FILE]\\[@REV] or a released name (EVA-CLIP-8B; downloaded into "
+    "the Hugging Face cache), or an open_clip model name with --pretrained FILE.")]
 Pretrained = Annotated[Optional[str], typer.Option(
-    "--pretrained", help="Local weights file for an open_clip model name or a released EVA name given as --model "
-    "(never downloaded).")]
+    "--pretrained", help="Weights file (local, or hf-hub:OWNER/NAME/FILE) for an open_clip model name or a released "
+    "EVA name given as --model.")]
 EvaConfig = Annotated[Optional[str], typer.Option("--eva-config",
                                                   help="Reference model config JSON for an EVA .pt.")]
 Arch = Annotated[Optional[str], typer.Option(

@@ -143,6 +143,13 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     torch.manual_seed(recipe.seed + info.rank)
     import deepspeed
 
+    from evaclip_cli.engine import universal
+
+    # a checkpoint of another world size is loaded through its universal conversion (rank 0 makes it, before any
+    # model is built): engine/universal.py
+    source = universal.prepare(resume_from, info.world_size, info.is_main, ctx.print) if resume_from else None
+    if source is not None and source.universal:
+        ds_cfg = universal.loading_config(ds_cfg)
     model = stage.build_model(ctx)
     groups = build_param_groups(model.named_parameters(), stage.towers(ctx), stage.layer_id)
     # parameter names per optimizer group: a ZeRO-0 bf16/fp16 checkpoint keeps its fp32 masters only as unnamed
@@ -159,20 +166,26 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     ctx.engine, ctx.model = engine, engine.module
 
     start_step, counters, data_state = 0, {"nonfinite": 0}, None
-    if resume_from is not None:
-        root, tag = resume_from
+    if source is not None:
+        root, tag = source.root, source.tag
         load_path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-        if client.get("world_size") != info.world_size:
-            raise UserError(f"{root / tag} was written by {client.get('world_size')} processes, this run has "
-                            f"{info.world_size}; resume with the same --nproc (or convert it with ds_to_universal)")
+        if source.universal:
+            universal.after_load(optimizer, source)
         start_step = int(client["step"])
         counters = dict(client.get("counters", counters))
-        data_state = client["data_states"][info.rank]
-        ckpt.set_rng_state(client["rng_states"][info.rank])
-        ctx.print(f"resumed from {root / tag} at step {start_step}", soft_wrap=True)
+        # another world size: rank r continues old rank r's data streams and RNG, new ranks start fresh streams
+        data_state, rng = universal.rank_states(client, info.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        else:
+            ckpt.seed_rng(universal.fresh_seed(recipe.seed, info.rank, start_step))
+        saved_world = client.get("world_size")
+        changed = f" (written by {saved_world} processes, now {info.world_size})" \
+            if saved_world != info.world_size else ""
+        ctx.print(f"resumed from {root / tag} at step {start_step}{changed}", soft_wrap=True)
     if info.is_main:
         write_recipe(recipe, out_dir)
     ctx.data_state = data_state

@@ -1,6 +1,9 @@
 """Step checkpoints: written under a temporary tag, renamed into place, ``latest`` replaced atomically, the last K
 kept. A checkpoint folder is a DeepSpeed checkpoint (``evaclip convert --from deepspeed`` reads it) whose client
-state carries everything needed to continue exactly: step, per-rank data positions and RNG states, counters."""
+state carries everything needed to continue exactly: step, per-rank data positions and RNG states, counters.
+
+A checkpoint written by another number of processes is resumed through DeepSpeed's universal checkpoint
+(``engine.universal``), converted once into ``checkpoints/universal/global_stepN`` and removed with its source."""
 from __future__ import annotations
 
 import re
@@ -9,11 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 from evaclip_cli import atomic
-from evaclip_cli.errors import UserError
 from evaclip_cli.engine import dist
+from evaclip_cli.errors import UserError
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MANIFEST = "evaclip_manifest.json"  # every file of a checkpoint and its size, written before the folder is renamed
+UNIVERSAL_DIR = "universal"  # checkpoints/universal/global_stepN: a checkpoint converted for another world size
 
 
 def tag_for(step: int) -> str:
@@ -44,7 +48,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     dist.barrier()
     final = ckpt_dir / tag
     if is_main:
-        write_manifest(ckpt_dir / tmp_tag)
+        write_manifest(ckpt_dir / tmp_tag, {"world_size": client_state.get("world_size")})
         if final.exists():
             shutil.rmtree(final)
         (ckpt_dir / tmp_tag).rename(final)
@@ -54,17 +58,41 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
             shutil.rmtree(old, ignore_errors=True)
         for p in ckpt_dir.glob(".partial-*"):
             shutil.rmtree(p, ignore_errors=True)
+        prune_universal(ckpt_dir)
     dist.barrier()
     return final
 
 
-def write_manifest(tag_dir: Path) -> None:
-    """Record every file of a checkpoint folder with its size: a copy or disk that cut a file short shows."""
+def write_manifest(tag_dir: Path, extra: Optional[dict] = None) -> None:
+    """Record every file of a checkpoint folder with its size: a copy or disk that cut a file short shows. ``extra``
+    (e.g. the world size that wrote it) is stored beside the file list."""
     import json
 
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    atomic.write_text(tag_dir / MANIFEST, json.dumps({"files": files}, indent=1))
+    atomic.write_text(tag_dir / MANIFEST, json.dumps({**(extra or {}), "files": files}, indent=1))
+
+
+def read_manifest(tag_dir: Path) -> dict:
+    """A checkpoint folder's manifest ({} when absent or unreadable)."""
+    import json
+
+    try:
+        return json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def prune_universal(ckpt_dir: Path) -> None:
+    """Remove the universal conversions whose source checkpoint is gone (pruned by ``keep_last``)."""
+    root = Path(ckpt_dir) / UNIVERSAL_DIR
+    if not root.is_dir():
+        return
+    kept = {p.name for _, p in list_complete(ckpt_dir)}
+    for p in root.iterdir():
+        if TAG_RE.match(p.name) and p.name not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+    atomic.remove_stale_temporaries(root)
 
 
 def damage(tag_dir: Path) -> Optional[str]:
@@ -146,6 +174,18 @@ def rng_state() -> dict:
     version, py_state, gauss = random.getstate()
     return {"python": [version, list(py_state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
             "torch": torch.get_rng_state()}
+
+
+def seed_rng(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (a rank that has no saved RNG state of its own)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict) -> None:

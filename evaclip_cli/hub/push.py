@@ -1,6 +1,7 @@
-"""``evaclip push``: an open_clip folder (or anything ``evaclip convert`` reads, converted on the way) -> a Hugging
-Face Hub model repo, in one commit: ``open_clip_config.json``, safetensors weights (shards + index for large
-models), tokenizer files if any, and a generated model card ``README.md``.
+"""``evaclip push``: an open_clip folder (or anything ``evaclip convert`` reads, converted on the way, Hub sources
+``hf-hub:...`` and released names included) -> a Hugging Face Hub model repo, in one commit:
+``open_clip_config.json``, safetensors weights (shards + index for large models), tokenizer files if any, and a
+generated model card ``README.md``.
 
 * The token comes from ``HF_TOKEN`` or the ``hf auth login`` store (huggingface_hub's ``get_token``); it is never
   printed, and any message that would carry it is scrubbed.
@@ -447,6 +448,11 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
     scrub = _Scrub(token)
     work = Path(tempfile.mkdtemp(prefix="evaclip-push-"))  # conversions land here: TMPDIR picks the disk
     try:
+        from evaclip_cli.checkpoints.hub_source import resolve_path
+
+        src, arch = resolve_path(str(src), log=log)  # hf-hub:OWNER/NAME[/FILE][@REV] or a released name
+        if arch and not (eva_config or model or recipe):
+            model = arch
         staged = stage(Path(src), work, max_shard_size=max_shard_size, dtype=dtype, eva_config=eva_config,
                        model=model, recipe=recipe)
         readme = work / "README.md"
@@ -476,7 +482,8 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
 def _upload(repo_id: str, files: dict, *, token: str, private: bool, revision: Optional[str], create_pr: bool,
             commit_message: str, overwrite_card: bool, scrub: _Scrub, log, echo) -> dict:
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its retry warnings: evaclip says it in one line of its own
     if not sys.stderr.isatty():

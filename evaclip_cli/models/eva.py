@@ -23,11 +23,11 @@ from timm.models import Eva, build_model_with_cfg, generate_default_cfgs, regist
 from evaclip_cli.models.specs import ARCHS
 
 
-def _norm_layer(name: str):
+def _norm_layer(name: str, eps: float = 1e-6):
     if name == "rms":
-        return partial(RmsNorm, eps=1e-6)
+        return partial(RmsNorm, eps=eps)
     if name == "layer":
-        return partial(LayerNorm, eps=1e-6)
+        return partial(LayerNorm, eps=eps)
     raise ValueError(f"unknown norm '{name}' (rms or layer)")
 
 
@@ -53,10 +53,11 @@ def _create_eva(variant: str, pretrained: bool = False, **kwargs: Any) -> Eva:
     kwargs.setdefault("num_classes", 0)
     kwargs.setdefault("global_pool", "token")
     norm = kwargs.pop("norm", None)
+    eps = float(kwargs.pop("norm_eps", 1e-6))  # BAAI's HF configs carry their own layer_norm_eps
     if norm is not None:
-        kwargs["norm_layer"] = _norm_layer(norm) if isinstance(norm, str) else norm
+        kwargs["norm_layer"] = _norm_layer(norm, eps) if isinstance(norm, str) else norm
     elif isinstance(kwargs.get("norm_layer"), str):
-        kwargs["norm_layer"] = _norm_layer(kwargs["norm_layer"])
+        kwargs["norm_layer"] = _norm_layer(kwargs["norm_layer"], eps)
     if kwargs.get("ref_feat_shape") is not None:
         kwargs["ref_feat_shape"] = tuple(kwargs["ref_feat_shape"])
     kwargs.pop("pretrained_model_args", None)

@@ -8,15 +8,16 @@ Layouts evaclip reads:
 * ``mim``       EVA MIM students/teachers: the vision keys without ``visual.``, plus ``mask_token``, ``lm_head.*``.
 * ``open_clip`` evaclip's own: open_clip ``CustomTextCLIP`` with a timm tower (``visual.trunk.*``,
                 ``visual.head.proj.*``, ``text.*``, ``logit_scale``).
+* ``hf``        BAAI's transformers remote-code layout (BAAI/EVA-CLIP-8B, -8B-448, -18B): ``vision_model.*``,
+                ``text_model.*``, separate ``q_proj/k_proj/v_proj``, ``visual_projection``/``text_projection`` Linear
+                layers, no ``logit_scale`` (:func:`hf_to_open_clip`, :func:`open_clip_to_hf`).
 
 All are accepted as a plain state dict or wrapped under ``module`` / ``state_dict`` / ``model``, fp16/bf16/fp32,
 in ``.pt``/``.pth``/``.bin``/``.safetensors`` (or a sharded ``.safetensors.index.json``).
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Iterable
 
 from evaclip_cli.errors import UserError
@@ -42,6 +43,8 @@ _TOPLEVEL_TEXT = ("transformer.", "token_embedding.", "positional_embedding", "l
 
 def detect_layout(state: dict) -> str:
     keys = list(state)
+    if any(k.startswith(("vision_model.encoder.", "text_model.encoder.")) for k in keys):
+        return "hf"
     if any(k.startswith("visual.trunk.") for k in keys):
         return "open_clip"
     if any(k.startswith("visual.blocks.") for k in keys) or any(k.startswith("text.transformer.") for k in keys):
@@ -146,3 +149,284 @@ def check_against_model(state: dict, expected: dict, where: str, ignore: Iterabl
                             f"{tuple(t.shape)}; check --eva-config/--model")
 
 
+
+
+# ------------------------------------------------------------------------------- BAAI's HF remote-code layout
+class LazyCat:
+    """``torch.cat(parts, dim)``, computed only when a writer or a model asks for it.
+
+    Fusing BAAI's separate q/k/v projections into timm's ``qkv`` would otherwise copy every attention weight of the
+    checkpoint at once (18B: 48 x 315 MB); the writers materialise one tensor at a time instead. Quacks like the
+    tensor methods the conversion path uses (``shape``, ``dtype``, ``numel``, ``reshape``, ``to``, ``contiguous``)."""
+
+    def __init__(self, parts: list, dim: int = 0):
+        import torch
+
+        self.parts, self.dim = list(parts), dim
+        shape = list(parts[0].shape)
+        shape[dim] = sum(int(p.shape[dim]) for p in parts)
+        self.shape = torch.Size(shape)
+        self.dtype = parts[0].dtype
+
+    def numel(self) -> int:
+        return int(self.shape.numel())
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def is_floating_point(self) -> bool:
+        return self.parts[0].is_floating_point()
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self):
+        import torch
+
+        return torch.cat([p.to(self.dtype) for p in self.parts], self.dim)
+
+    def reshape(self, *shape):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        return self if shape == tuple(self.shape) else self.materialize().reshape(shape)
+
+    def to(self, *args, **kwargs):
+        return self.materialize().to(*args, **kwargs)
+
+    def contiguous(self):
+        return self.materialize()
+
+    def float(self):
+        return self.materialize().float()
+
+    def detach(self):
+        return self.materialize()
+
+
+def materialize(t):
+    """A real tensor for ``t`` (a tensor or a :class:`LazyCat`)."""
+    return t.materialize() if isinstance(t, LazyCat) else t
+
+
+def materialize_state(state: dict) -> dict:
+    return {k: materialize(v) for k, v in state.items()}
+
+
+_HF_V = "vision_model."
+_HF_T = "text_model."
+_HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_HF_VISION_BLOCK = {"layer_norm1.": "norm1.", "layer_norm2.": "norm2.", "self_attn.out_proj.": "attn.proj.",
+                    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
+_HF_TEXT_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "self_attn.out_proj.": "attn.out_proj.",
+                  "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+LN_100 = 4.605170185988092  # ln(100): BAAI's EvaCLIPModel hard-codes logit_scale = 100
+
+
+def _rename_block(rest: str, table: dict) -> str | None:
+    for a, b in table.items():
+        if rest.startswith(a):
+            return b + rest[len(a):]
+    return None
+
+
+def hf_to_open_clip(state: dict, separate_qkv: bool = False) -> tuple[dict, list[str]]:
+    """BAAI's HF remote-code keys -> evaclip's open_clip keys; returns (state, notes for the user).
+
+    * q/k/v: separate Linear layers -> timm's fused ``qkv`` (a :class:`LazyCat`) with ``q_bias``/``v_bias``; open_clip's
+      text ``in_proj_weight``/``in_proj_bias``. A missing bias is zero (exact: that is what "no bias" computes).
+    * The vision tower's k bias is dropped: it adds q·b_k to every logit of a query, which softmax ignores; timm's
+      Eva (like the reference) has none. Non-zero values are reported in the notes.
+    * ``class_embedding`` [D] -> ``cls_token`` [1, 1, D]; ``position_embedding.weight`` [N, D] -> ``pos_embed``
+      [1, N, D]; ``text_projection.weight`` [P, H] (a Linear) -> open_clip's ``text_projection`` [H, P];
+      ``visual_projection.weight`` is already open_clip's ``visual.head.proj.weight``.
+    * No ``logit_scale`` in the layout (BAAI's model uses 100): the state gets ln(100), and a note says so.
+    """
+    import torch
+
+    out: dict = {}
+    notes: list[str] = []
+    unknown: list[str] = []
+    qkv: dict = {}  # (tower, block) -> {"q_w": t, "k_b": t, ...}
+    for k, v in state.items():
+        if k.endswith("position_ids"):  # a buffer older transformers saved; recomputed
+            continue
+        if k == "logit_scale":
+            out["logit_scale"] = v.reshape(()) if v.numel() == 1 else v
+            continue
+        if k == "visual_projection.weight":
+            out["visual.head.proj.weight"] = v
+            continue
+        if k == "text_projection.weight":
+            out["text.text_projection"] = v.t()
+            continue
+        tower = "v" if k.startswith(_HF_V) else "t" if k.startswith(_HF_T) else None
+        if tower is None:
+            unknown.append(k)
+            continue
+        sub = k[len(_HF_V if tower == "v" else _HF_T):]
+        m = _HF_BLOCK.match(sub)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            pm = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+            if pm:
+                qkv.setdefault((tower, i), {})[f"{pm.group(1)}_{pm.group(2)[0]}"] = v
+                continue
+            new = _rename_block(rest, _HF_VISION_BLOCK if tower == "v" else _HF_TEXT_BLOCK)
+            if new is None:
+                unknown.append(k)
+            elif tower == "v":
+                out[f"visual.trunk.blocks.{i}.{new}"] = v
+            else:
+                out[f"text.transformer.resblocks.{i}.{new}"] = v
+            continue
+        if tower == "v":
+            if sub == "embeddings.class_embedding":
+                out["visual.trunk.cls_token"] = v.reshape(1, 1, -1)
+            elif sub.startswith("embeddings.patch_embedding."):
+                out["visual.trunk.patch_embed.proj." + sub.rsplit(".", 1)[1]] = v
+            elif sub == "embeddings.position_embedding.weight":
+                out["visual.trunk.pos_embed"] = v.reshape(1, *v.shape)
+            elif sub.startswith("post_layernorm."):
+                out["visual.trunk.norm." + sub[len("post_layernorm."):]] = v
+            else:
+                unknown.append(k)
+        else:
+            if sub == "embeddings.token_embedding.weight":
+                out["text.token_embedding.weight"] = v
+            elif sub == "embeddings.position_embedding.weight":
+                out["text.positional_embedding"] = v
+            elif sub.startswith("final_layer_norm."):
+                out["text.ln_final." + sub[len("final_layer_norm."):]] = v
+            else:
+                unknown.append(k)
+    if unknown:
+        raise UserError(f"unexpected keys in a BAAI HF EVA-CLIP checkpoint: {', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}")
+    dropped_k = 0.0
+    for (tower, i), p in sorted(qkv.items()):
+        if not all(f"{c}_w" in p for c in "qkv"):
+            raise UserError(f"BAAI HF checkpoint: layer {i} of the {'vision' if tower == 'v' else 'text'} tower lacks "
+                            f"one of q_proj/k_proj/v_proj.weight (has {', '.join(sorted(p))})")
+        w = [p["q_w"], p["k_w"], p["v_w"]]
+        zeros = lambda: torch.zeros(w[0].shape[0], dtype=w[0].dtype)  # noqa: E731
+        if tower == "t":
+            pre = f"text.transformer.resblocks.{i}.attn."
+            out[pre + "in_proj_weight"] = LazyCat(w)
+            out[pre + "in_proj_bias"] = LazyCat([p.get(f"{c}_b", None) if f"{c}_b" in p else zeros() for c in "qkv"])
+            continue
+        pre = f"visual.trunk.blocks.{i}.attn."
+        if separate_qkv:
+            for c in "qkv":
+                out[pre + f"{c}_proj.weight"] = p[f"{c}_w"]
+        else:
+            out[pre + "qkv.weight"] = LazyCat(w)
+        if "q_b" in p or "v_b" in p:
+            qn, vn = ("q_proj.bias", "v_proj.bias") if separate_qkv else ("q_bias", "v_bias")
+            out[pre + qn] = p["q_b"] if "q_b" in p else zeros()
+            out[pre + vn] = p["v_b"] if "v_b" in p else zeros()
+        if "k_b" in p:
+            dropped_k = max(dropped_k, float(p["k_b"].float().abs().max()))
+    if dropped_k > 0:
+        notes.append(f"dropped the vision tower's k_proj biases (max |b| {dropped_k:.3g}): a key bias adds the same "
+                     "q·b to every logit of a query, which softmax ignores, and timm's Eva has none")
+    if "logit_scale" not in out and any(k.startswith("text.") for k in out) and "visual.head.proj.weight" in out:
+        out["logit_scale"] = torch.tensor(LN_100)
+        notes.append("BAAI's HF layout stores no logit_scale (its model hard-codes 100): the converted model gets "
+                     f"logit_scale = ln(100) = {LN_100:.4f}")
+    return out, notes
+
+
+def _split3(v) -> list:
+    """q, k, v of a fused weight or bias: views of it, or the parts of a :class:`LazyCat` (nothing copied)."""
+    if isinstance(v, LazyCat):
+        if v.dim == 0 and len(v.parts) == 3:
+            return list(v.parts)
+        v = v.materialize()
+    return list(v.chunk(3, 0))
+
+
+def open_clip_to_hf(state: dict) -> tuple[dict, list[str]]:
+    """evaclip's open_clip keys -> BAAI's HF remote-code keys (the inverse of :func:`hf_to_open_clip`, views where
+    possible: q/k/v are slices of the fused weights). Returns (state, notes)."""
+    notes: list[str] = []
+    out: dict = {}
+    unknown: list[str] = []
+    vt = {b: a for a, b in _HF_VISION_BLOCK.items()}
+    tt = {b: a for a, b in _HF_TEXT_BLOCK.items()}
+    for k, v in state.items():
+        if k == "logit_scale":
+            if abs(float(v.float().reshape(-1)[0]) - LN_100) > 1e-4:
+                notes.append(f"BAAI's HF layout has no logit_scale (its model uses 100); this model's learned "
+                             f"{float(v.float().reshape(-1)[0].exp()):.2f} is not written")
+            continue
+        if k == "visual.head.proj.weight":
+            out["visual_projection.weight"] = v
+            continue
+        if k == "visual.head.proj.bias":
+            if float(v.float().abs().max()) > 0:
+                raise UserError("the vision projection has a bias, which BAAI's HF layout (visual_projection, no "
+                                "bias) cannot hold; this model cannot be written with --to hf")
+            continue
+        if k == "text.text_projection":
+            out["text_projection.weight"] = v.t()
+            continue
+        m = re.match(r"^visual\.trunk\.blocks\.(\d+)\.(.+)$", k)
+        if m:
+            i, rest = m.group(1), m.group(2)
+            pre = f"vision_model.encoder.layers.{i}.self_attn."
+            if rest == "attn.qkv.weight":
+                for c, part in zip("qkv", _split3(v)):
+                    out[pre + f"{c}_proj.weight"] = part
+            elif rest in ("attn.q_bias", "attn.q_proj.bias"):
+                out[pre + "q_proj.bias"] = v
+            elif rest in ("attn.v_bias", "attn.v_proj.bias"):
+                out[pre + "v_proj.bias"] = v
+            elif rest.startswith(("attn.q_proj.", "attn.k_proj.", "attn.v_proj.")):
+                out[pre + rest[len("attn."):]] = v
+            else:
+                new = _rename_block(rest, vt)
+                if new is None:
+                    unknown.append(k)
+                else:
+                    out[f"vision_model.encoder.layers.{i}.{new}"] = v
+            continue
+        m = re.match(r"^text\.transformer\.resblocks\.(\d+)\.(.+)$", k)
+        if m:
+            i, rest = m.group(1), m.group(2)
+            pre = f"text_model.encoder.layers.{i}.self_attn."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = "weight" if rest.endswith("weight") else "bias"
+                for c, part in zip("qkv", _split3(v)):
+                    out[pre + f"{c}_proj.{kind}"] = part
+            else:
+                new = _rename_block(rest, tt)
+                if new is None:
+                    unknown.append(k)
+                else:
+                    out[f"text_model.encoder.layers.{i}.{new}"] = v
+            continue
+        simple = {"visual.trunk.cls_token": ("vision_model.embeddings.class_embedding", lambda t: t.reshape(-1)),
+                  "visual.trunk.pos_embed": ("vision_model.embeddings.position_embedding.weight",
+                                             lambda t: t.reshape(t.shape[-2], t.shape[-1])),
+                  "visual.trunk.patch_embed.proj.weight": ("vision_model.embeddings.patch_embedding.weight", None),
+                  "visual.trunk.patch_embed.proj.bias": ("vision_model.embeddings.patch_embedding.bias", None),
+                  "text.token_embedding.weight": ("text_model.embeddings.token_embedding.weight", None),
+                  "text.positional_embedding": ("text_model.embeddings.position_embedding.weight", None)}
+        if k in simple:
+            name, fn = simple[k]
+            out[name] = fn(v) if fn else v
+        elif k.startswith("visual.trunk.norm."):
+            out["vision_model.post_layernorm." + k[len("visual.trunk.norm."):]] = v
+        elif k.startswith("text.ln_final."):
+            out["text_model.final_layer_norm." + k[len("text.ln_final."):]] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise UserError(f"BAAI's HF layout has no place for: {', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}; this model cannot be written with --to hf")
+    # BAAI's own order: text tower, vision tower, projections
+    order = {"text_model.": 0, "vision_model.": 1}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0].split(".")[0] + ".", 2))), notes

@@ -29,6 +29,7 @@ class VisionSpec(BaseModel):
     subln: bool = False  # extra LayerNorm inside attention (before proj) and MLP (before fc2)
     rope_ref_size: Optional[int] = None  # grid the rope was trained on (B/16: 16 = 224/14)
     head_bias: Optional[bool] = None  # default: same as qkv_bias (reference behaviour)
+    norm_eps: float = 1e-6  # every norm of the tower (the reference's 1e-6; BAAI's HF configs may say otherwise)
 
     @property
     def grid(self) -> int:
@@ -60,6 +61,8 @@ class VisionSpec(BaseModel):
             norm=self.norm,
             use_post_norm=self.post_norm,
         )
+        if self.norm_eps != 1e-6:  # written only when it differs, so existing folders stay as they are
+            kw.update(norm_eps=self.norm_eps)
         if self.swiglu:
             kw.update(swiglu_mlp=True)
         if self.subln:
@@ -79,12 +82,15 @@ class TextSpec(BaseModel):
     context_length: int = 77
     vocab_size: int = 49408
     mlp_ratio: float = 4.0
+    norm_eps: float = 1e-5  # open_clip's LayerNorm default
 
     def open_clip_cfg(self) -> dict:
         cfg: dict[str, Any] = dict(context_length=self.context_length, vocab_size=self.vocab_size,
                                    width=self.width, heads=self.heads, layers=self.layers)
         if self.mlp_ratio != 4.0:
             cfg["mlp_ratio"] = self.mlp_ratio
+        if self.norm_eps != 1e-5:
+            cfg["norm_kwargs"] = {"eps": self.norm_eps}
         return cfg
 
 
@@ -166,11 +172,13 @@ GENERIC_TIMM_NAME = "evaclip_vit"
 
 
 def resolve_arch(name: str) -> ClipSpec:
+    if name in RELEASED:  # a released checkpoint's name (EVA-CLIP-8B-448: the 8B at 448 px)
+        return RELEASED[name].spec()
     key = ALIASES.get(name, name).lower()
     if key not in ARCHS:
         import difflib
 
-        known = sorted(ARCHS) + sorted(ALIASES)
+        known = sorted(ARCHS) + sorted(ALIASES) + sorted(set(RELEASED) - set(ALIASES))
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         from evaclip_cli.errors import UserError
@@ -232,7 +240,7 @@ def spec_from_open_clip_cfg(cfg: dict) -> ClipSpec:
             post_norm=kw.get("use_post_norm", False), rope=kw.get("use_rot_pos_emb", False),
             swiglu=kw.get("swiglu_mlp", False), subln=kw.get("scale_attn_inner", False),
             rope_ref_size=(kw.get("ref_feat_shape") or [None])[0],
-            head_bias=vc.get("timm_proj_bias", False),
+            head_bias=vc.get("timm_proj_bias", False), norm_eps=kw.get("norm_eps", 1e-6),
         )
     else:
         keys = [k for k, n in TIMM_NAMES.items() if n == name]
@@ -242,7 +250,7 @@ def spec_from_open_clip_cfg(cfg: dict) -> ClipSpec:
         vision = ARCHS[keys[0]].vision.model_copy(update=dict(image_size=vc.get("image_size", 224)))
     text = TextSpec(width=tc["width"], heads=tc["heads"], layers=tc["layers"],
                     context_length=tc.get("context_length", 77), vocab_size=tc.get("vocab_size", 49408),
-                    mlp_ratio=tc.get("mlp_ratio", 4.0))
+                    mlp_ratio=tc.get("mlp_ratio", 4.0), norm_eps=(tc.get("norm_kwargs") or {}).get("eps", 1e-5))
     return ClipSpec(embed_dim=cfg["embed_dim"], vision=vision, text=text)
 
 
@@ -304,3 +312,171 @@ def eva_config_from_spec(spec: ClipSpec) -> dict:
         "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                      "heads": t.heads, "layers": t.layers, "xattn": False, "fusedLN": False},
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BAAI's transformers remote-code layout (config.json of BAAI/EVA-CLIP-8B, -8B-448, -18B)
+# --------------------------------------------------------------------------------------------------------------
+# The defaults of BAAI's EvaCLIPVisionConfig / EvaCLIPTextConfig / EvaCLIPConfig: a field missing from config.json
+# means what BAAI's code makes of it.
+HF_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=32, hidden_act="gelu", layer_norm_eps=1e-5, q_bias=True, k_bias=True, v_bias=True,
+    post_layernorm=False, use_rms_norm=True)
+HF_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, q_bias=True, k_bias=True, v_bias=True,
+    post_layernorm=False, use_rms_norm=False)
+HF_PROJECTION_DEFAULT = 512
+# where --to hf points transformers for the model code (the copy evaclip's parity fixtures were measured against)
+HF_REMOTE_CODE_REPO = "BAAI/EVA-CLIP-8B-448"
+
+
+def _hf_fields(cfg: dict, key: str, defaults: dict, where: str) -> dict:
+    from evaclip_cli.errors import UserError
+
+    sub = cfg.get(key, {})
+    if sub is None:
+        sub = {}
+    if not isinstance(sub, dict):
+        raise UserError(f"{where}: '{key}' is not an object")
+    return {k: sub.get(k, d) if sub.get(k) is not None else d for k, d in defaults.items()}
+
+
+def spec_from_hf_config(cfg: dict, where: str = "config.json") -> ClipSpec:
+    """BAAI's HF ``config.json`` -> ClipSpec, every architecture field read from the file (any size). Refuses, in one
+    line, what the open_clip model cannot express (non-GELU activations, an RMSNorm or post-norm text tower)."""
+    from evaclip_cli.errors import UserError
+
+    v = _hf_fields(cfg, "vision_config", HF_VISION_DEFAULTS, where)
+    t = _hf_fields(cfg, "text_config", HF_TEXT_DEFAULTS, where)
+    try:
+        for tower, f in (("vision", v), ("text", t)):
+            if str(f["hidden_act"]).lower() != "gelu":
+                raise UserError(f"{where}: {tower}_config.hidden_act '{f['hidden_act']}' is not supported (evaclip's "
+                                "towers use exact GELU, as BAAI's EVA-CLIP does)")
+            if int(f["hidden_size"]) % int(f["num_attention_heads"]):
+                raise UserError(f"{where}: {tower}_config.hidden_size {f['hidden_size']} is not divisible by "
+                                f"num_attention_heads {f['num_attention_heads']}")
+        if t["use_rms_norm"] or t["post_layernorm"]:
+            raise UserError(f"{where}: text_config with use_rms_norm/post_layernorm is not supported (open_clip's text "
+                            "tower is pre-norm LayerNorm, as in every released EVA-CLIP)")
+        if int(v["num_channels"]) != 3:
+            raise UserError(f"{where}: vision_config.num_channels {v['num_channels']} (only RGB, 3, is supported)")
+        if int(v["image_size"]) % int(v["patch_size"]):
+            raise UserError(f"{where}: vision_config.image_size {v['image_size']} is not a multiple of patch_size "
+                            f"{v['patch_size']}")
+        width = int(v["hidden_size"])
+        qkv_bias = bool(v["q_bias"] or v["v_bias"])  # k's bias is dropped (softmax ignores it), see keymaps
+        vision = VisionSpec(
+            image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), width=width,
+            depth=int(v["num_hidden_layers"]), heads=int(v["num_attention_heads"]),
+            mlp_dim=int(v["intermediate_size"]), norm="rms" if v["use_rms_norm"] else "layer", qkv_bias=qkv_bias,
+            post_norm=bool(v["post_layernorm"]),
+            head_bias=None if not qkv_bias else False,  # visual_projection has no bias
+            norm_eps=float(v["layer_norm_eps"]),
+        )
+        tw = int(t["hidden_size"])
+        text = TextSpec(width=tw, heads=int(t["num_attention_heads"]), layers=int(t["num_hidden_layers"]),
+                        context_length=int(t["max_position_embeddings"]), vocab_size=int(t["vocab_size"]),
+                        mlp_ratio=int(t["intermediate_size"]) / tw, norm_eps=float(t["layer_norm_eps"]))
+        return ClipSpec(embed_dim=int(cfg.get("projection_dim") or HF_PROJECTION_DEFAULT), vision=vision, text=text)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: invalid value in BAAI's config schema ({' '.join(str(e).split())[:200]})") from None
+
+
+def hf_config_from_spec(spec: ClipSpec) -> dict:
+    """config.json of BAAI's remote-code layout for ``spec`` (the fields BAAI's EvaCLIPConfig reads, an ``auto_map``
+    to BAAI's code on the Hub). Raises ``UserError`` for towers the layout cannot describe."""
+    from evaclip_cli.errors import UserError
+
+    v, t = spec.vision, spec.text
+    missing = [name for name, on in (("rope", v.rope), ("SwiGLU", v.swiglu), ("sub-LN", v.subln)) if on]
+    if missing:
+        raise UserError(f"BAAI's HF layout has no {'/'.join(missing)} (its blocks are plain pre/post-norm ViT "
+                        "blocks); this model cannot be written with --to hf")
+    code = HF_REMOTE_CODE_REPO
+    return {
+        "architectures": ["EvaCLIPModel"],
+        "auto_map": {"AutoConfig": f"{code}--configuration_evaclip.EvaCLIPConfig",
+                     "AutoModel": f"{code}--modeling_evaclip.EvaCLIPModel"},
+        "model_type": "clip",
+        "projection_dim": spec.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "initializer_factor": 1.0,
+        "torch_dtype": "float32",
+        "vision_config": {
+            "model_type": "evaclip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+            "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "num_channels": 3,
+            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": "gelu",
+            "layer_norm_eps": v.norm_eps, "q_bias": v.qkv_bias, "k_bias": False, "v_bias": v.qkv_bias,
+            "post_layernorm": v.post_norm, "use_rms_norm": v.norm == "rms", "projection_dim": spec.embed_dim,
+        },
+        "text_config": {
+            "model_type": "evaclip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "max_position_embeddings": t.context_length, "hidden_act": "gelu",
+            "layer_norm_eps": t.norm_eps, "q_bias": True, "k_bias": True, "v_bias": True, "post_layernorm": False,
+            "use_rms_norm": False, "projection_dim": spec.embed_dim,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+        },
+    }
+
+
+def is_hf_config(cfg: dict) -> bool:
+    """A BAAI EVA-CLIP remote-code config.json (not a plain transformers CLIP, not a timm folder)."""
+    if not isinstance(cfg, dict) or "architecture" in cfg:
+        return False
+    if not isinstance(cfg.get("vision_config"), dict) or not isinstance(cfg.get("text_config"), dict):
+        return False
+    code = str(cfg.get("auto_map", "")) + str(cfg.get("architectures", ""))
+    return ("evaclip" in code.lower() or cfg.get("model_type") == "evaclip"
+            or cfg["vision_config"].get("model_type") == "evaclip_vision_model")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The released checkpoints: `evaclip convert EVA-CLIP-18B OUT` needs nothing else
+# --------------------------------------------------------------------------------------------------------------
+class Released(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: str
+    file: Optional[str]  # None: the repo's transformers remote-code layout (config.json + fp32 shards)
+    layout: Literal["eva", "mim", "hf"]
+    size: str  # as BAAI's model card gives it (the download is checked against what the Hub reports)
+    params: int  # parameters of the model evaclip builds from it (MIM: the vision tower, without mask_token/lm_head)
+    arch: str  # ARCHS key
+    image_size: Optional[int] = None  # when it differs from the arch's (EVA-CLIP-8B-448)
+
+    @property
+    def source(self) -> str:
+        return f"hf-hub:{self.repo}" + (f"/{self.file}" if self.file else "")
+
+    def spec(self) -> ClipSpec:
+        spec = ARCHS[self.arch].model_copy(deep=True)
+        if self.image_size is not None:
+            spec.vision.image_size = self.image_size
+        return spec
+
+
+# Files, sizes: BAAI's EVA-CLIP-18B model card (github.com/baaivision/EVA/tree/master/EVA-CLIP-18B); parameter
+# counts built on the meta device (tests/test_hub_sources.py checks them against ARCHS).
+RELEASED: dict[str, Released] = {
+    "EVA-CLIP-18B": Released(repo="BAAI/EVA-CLIP-18B", file="EVA_CLIP_18B_psz14_s6B.fp16.pt", layout="eva",
+                             size="36.7 GB", params=18_325_482_241, arch="18b"),
+    "EVA-CLIP-8B": Released(repo="BAAI/EVA-CLIP-8B", file="EVA_CLIP_8B_psz14_s9B.pt", layout="eva",
+                            size="32.9 GB", params=8_220_748_545, arch="8b"),
+    "EVA-CLIP-8B-448": Released(repo="BAAI/EVA-CLIP-8B-448", file="EVA_CLIP_8B_psz14_plus_s0.6B.pt", layout="eva",
+                                size="32.9 GB", params=8_223_894_273, arch="8b", image_size=448),
+    "EVA-CLIP-18B-hf": Released(repo="BAAI/EVA-CLIP-18B", file=None, layout="hf", size="~73 GB (fp32 shards)",
+                                params=18_325_482_241, arch="18b"),
+    "EVA-CLIP-8B-hf": Released(repo="BAAI/EVA-CLIP-8B", file=None, layout="hf", size="~33 GB (fp32 shards)",
+                               params=8_220_748_545, arch="8b"),
+    "EVA-CLIP-8B-448-hf": Released(repo="BAAI/EVA-CLIP-8B-448", file=None, layout="hf", size="~33 GB (fp32 shards)",
+                                   params=8_223_894_273, arch="8b", image_size=448),
+    # the MIM encoders (vision only): distill's students, train's init.vision
+    "EVA-18B": Released(repo="BAAI/EVA-CLIP-18B", file="EVA_18B_psz14.fp16.bin", layout="mim", size="35.3 GB",
+                        params=17_622_630_400, arch="18b"),
+    "EVA-8B": Released(repo="BAAI/EVA-CLIP-8B", file="EVA_8B_psz14.bin", layout="mim", size="30.1 GB",
+                       params=7_520_845_824, arch="8b"),
+}

@@ -13,11 +13,18 @@ Endpoints (what huggingface_hub 1.x/2.x calls; read from its source, not guessed
 * ``POST /api/models/{repo}/paths-info/{rev}``, ``GET .../tree/{rev}[/path]``, ``GET .../commits/{rev}``
 * ``POST /api/validate-yaml``                                  the README front-matter check create_commit makes
 * ``HEAD|GET /{repo}/resolve/{rev}/{path}``                    downloads, with ETag / X-Repo-Commit / Content-Length
+                                                               (+ X-Linked-Etag / X-Linked-Size for LFS files), Range
 * ``GET  /api/whoami-v2``
 
+Downloads (``hf_hub_download`` / ``snapshot_download``, 2.x): ``GET /api/models/{repo}/revision/{rev}`` for the commit,
+``GET .../tree/{commit}?recursive=true`` for the file list and sizes, then ``HEAD`` + ``GET`` (ranged when resuming)
+on ``/{repo}/resolve/{commit}/{path}``; revisions are branches, full or short commit ids (``refs/pr/N`` too).
+
 Writes need ``Authorization: Bearer <token>`` (401 otherwise) in a namespace the token's user owns (403
-otherwise); private repos read as 404 without it, like the Hub. ``inject()`` makes the next matching requests fail
-with a status (401/403/404/409/503...) or drop the connection; ``requests`` records what was asked.
+otherwise); a token that is sent must be valid, reads included (401 "Invalid credentials", as the Hub). Private repos
+read as 404 without a token; gated repos (``create(..., gated="auto"|"manual")``) answer 401 ``GatedRepo`` without one
+and, when "manual", 403 ``GatedRepo`` with one (access not granted). ``inject()`` makes the next matching requests
+fail with a status (401/403/404/409/503...) or drop the connection; ``requests`` records what was asked.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class Repo:
     branches: dict = field(default_factory=dict)  # name -> commit oid
     commits: dict = field(default_factory=dict)  # oid -> Commit
     prs: int = 0
+    gated: Optional[str] = None  # None | "auto" (any valid token reads) | "manual" (access never granted: 403)
 
 
 @dataclass
@@ -146,19 +154,43 @@ class HubState:
             self.rules.append(rule)
         return rule
 
-    def create(self, repo_id: str, private: bool = False, files: Optional[dict] = None) -> Repo:
-        """Make a repo server-side (as if pushed by someone else), optionally with files in a second commit."""
+    def create(self, repo_id: str, private: bool = False, files: Optional[dict] = None, lfs: bool = False,
+               gated: Optional[str] = None) -> Repo:
+        """Make a repo server-side (as if pushed by someone else), optionally with files in a second commit;
+        ``lfs=True`` stores the files .gitattributes names (weights) as LFS objects, as the Hub does."""
         with self.lock:
-            repo = self.repos[repo_id] = Repo(repo_id, private)
+            repo = self.repos[repo_id] = Repo(repo_id, private, gated=gated)
             ga = self.put_blob(GITATTRIBUTES)
             self.make_commit(repo, "main", "initial commit", "",
                              {".gitattributes": Entry(ga, len(GITATTRIBUTES), False, git_blob_sha1(GITATTRIBUTES))})
             if files:
-                cur = dict(repo.commits[repo.branches["main"]].files)
-                for p, data in files.items():
-                    cur[p] = Entry(self.put_blob(data), len(data), False, git_blob_sha1(data))
-                self.make_commit(repo, "main", "add files", "", cur)
+                self.add_files(repo_id, files, lfs=lfs)
             return repo
+
+    def add_files(self, repo_id: str, files: dict, lfs: bool = False, branch: str = "main",
+                  title: str = "add files") -> Commit:
+        """A commit on ``branch`` adding (or replacing) ``files`` (path -> bytes), as if pushed by someone else."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            base = repo.commits[repo.branches[branch]] if branch in repo.branches else \
+                repo.commits[repo.branches["main"]]
+            cur = dict(base.files)
+            for p, data in files.items():
+                sha = self.put_blob(data)
+                if lfs and p.endswith(LFS_SUFFIXES):
+                    self.lfs_uploaded.add(sha)
+                    cur[p] = Entry(sha, len(data), True, git_blob_sha1(lfs_pointer(sha, len(data))))
+                else:
+                    cur[p] = Entry(sha, len(data), False, git_blob_sha1(data))
+            if branch not in repo.branches:
+                repo.branches[branch] = base.oid
+            return self.make_commit(repo, branch, title, "", cur)
+
+    def downloads(self, repo_id: str, path: Optional[str] = None) -> list[dict]:
+        """The GET requests that fetched file content from ``repo_id`` (of ``path`` when given)."""
+        with self.lock:
+            return [r for r in self.requests if r["method"] == "GET" and r["path"].startswith(f"/{repo_id}/resolve/")
+                    and (path is None or r["path"].endswith("/" + path))]
 
 
 class HubServer:
@@ -175,7 +207,7 @@ class HubServer:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         state.url = self.url
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> "HubServer":
         self.thread.start()
@@ -255,9 +287,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str, write: bool = False) -> Repo:
         if write:
             self._need_write(repo_id.split("/")[0])
+        user = self._auth_user()  # a token that is sent must be valid, reads included
         repo = self.hub.repos.get(repo_id)
-        if repo is None or (repo.private and self._auth_user() is None):
+        if repo is None or (repo.private and user is None):
             raise HttpError(404, "Repository not found", "RepoNotFound")
+        if repo.gated and not write:
+            if user is None:
+                raise HttpError(401, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                                "authenticated to access it. Please log in.", "GatedRepo")
+            if repo.gated == "manual":
+                raise HttpError(403, f"Access to model {repo_id} is restricted and you are not in the authorized "
+                                "list. Visit the repo page to ask for access.", "GatedRepo")
         return repo
 
     def _commit(self, repo: Repo, rev: str) -> Commit:
@@ -531,6 +571,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = self.hub.blobs[e.sha256]
         headers = {"X-Repo-Commit": c.oid, "ETag": f'"{e.sha256 if e.lfs else e.sha1}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
+        if e.lfs:  # what the Hub adds for LFS files (huggingface_hub prefers them to ETag / Content-Length)
+            headers.update({"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)})
         rng = self.headers.get("Range")
         status = 200
         if rng and method == "GET":
