@@ -2,14 +2,15 @@
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
-from conftest import run_cli
 
 from evaclip_cli import __version__
 from evaclip_cli.recipes import builtin_names, load_recipe
+
+from conftest import run_cli
 
 EVACLIP = Path(sys.executable).parent / "evaclip"  # the console script of this venv
 

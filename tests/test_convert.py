@@ -1,12 +1,12 @@
 """evaclip convert: parity with the reference implementation, layouts, round trips, sharding, bad input."""
 import json
 
+import open_clip
 import pytest
 import torch
 from safetensors import safe_open
 
 import evaclip_cli  # noqa: F401
-import open_clip
 from evaclip_cli.checkpoints.io import load_state_dict
 from evaclip_cli.errors import UserError
 
@@ -189,7 +189,8 @@ def test_bad_inputs(tmp_path, capsys):
     _one_line_error(capsys, ["convert", tmp_path / "corrupt.pt", tmp_path / "o", "--eva-config", cfg],
                     "cannot read as a checkpoint")
     _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o"], "--eva-config")
-    _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", REFERENCE / "5b" / "config.json"],
+    other = REFERENCE / "5b" / "config.json"
+    _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", other],
                     "does not match the model config")
     (tmp_path / "bad.json").write_text("{not json")
     _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", tmp_path / "bad.json"],
@@ -197,8 +198,8 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "incomplete.json").write_text('{"embed_dim": 3}')
     _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", tmp_path / "incomplete.json"],
                     "missing key")
-    _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", cfg, "--max-shard-size", "lots"],
-                    "not a size")
+    _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "o", "--eva-config", cfg,
+                             "--max-shard-size", "lots"], "not a size")
     (tmp_path / "exists").mkdir()
     _one_line_error(capsys, ["convert", d / "model.pt", tmp_path / "exists", "--eva-config", cfg], "--force")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

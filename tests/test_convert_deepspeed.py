@@ -1,8 +1,8 @@
 """evaclip convert --from deepspeed: real DeepSpeed checkpoints (ZeRO 0-3, 1-2 ranks, zero.Init) of the tiny CLIP
 become open_clip folders with the engine's exact fp32 weights.
 
-Each checkpoint comes from its own torchrun launch of tests/helpers/ds_tiny_checkpoint.py (2 optimizer steps on CPU), since
-several DeepSpeed engines in one process are not independent.
+Each checkpoint comes from its own torchrun launch of tests/helpers/ds_tiny_checkpoint.py (2 optimizer steps on
+CPU), since several DeepSpeed engines in one process are not independent.
 """
 import os
 import shutil
@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
 import evaclip_cli  # noqa: F401  (teaches open_clip to load evaclip folders)
-import open_clip
 from evaclip_cli.checkpoints.convert import run_convert
 from evaclip_cli.errors import UserError
 

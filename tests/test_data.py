@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaclip_cli.data.demo import make_demo
 from evaclip_cli.data.benchmarks import image_folder_set
+from evaclip_cli.data.demo import make_demo
 from evaclip_cli.data.text import make_tokenizer
 from evaclip_cli.data.wds import build_train_loader, inspect_shards
 from evaclip_cli.errors import UserError

@@ -23,7 +23,8 @@ RESULTS = {
          "metrics": {"acc1": 0.625, "acc5": 0.9375, "mean_per_class_recall": 0.61}, "samples": 64, "skipped": 0,
          "language": "en"},
         {"dataset": "demo-captions", "model": "tiny", "task": "zeroshot_retrieval",
-         "metrics": {f"{s}_retrieval_recall@{k}": v for s in ("image", "text") for k, v in ((1, .25), (5, .5), (10, .75))},
+         "metrics": {f"{s}_retrieval_recall@{k}": v for s in ("image", "text")
+                     for k, v in ((1, .25), (5, .5), (10, .75))},
          "samples": 32, "skipped": 1, "language": "en"},
     ],
     "missing": ["imagenet1k"],
@@ -89,9 +90,9 @@ def load_back(hub, tmp_path, repo_id):
 def folder_digests(folder: Path) -> dict:
     """Same digests as load_back, from a local open_clip folder (sharded or not)."""
     import torch  # noqa: F401
+    from safetensors.torch import load_file
 
     from evaclip_cli.models.openclip_compat import INDEX_NAME, WEIGHTS_NAME, load_sharded_safetensors
-    from safetensors.torch import load_file
 
     state = load_file(str(folder / WEIGHTS_NAME)) if (folder / WEIGHTS_NAME).is_file() else \
         load_sharded_safetensors(folder / INDEX_NAME)
@@ -150,9 +151,10 @@ def test_push_uploads_exact_bytes_in_one_commit_and_loads_back(tiny_folder, hub,
 @pytest.mark.slow
 def test_sharded_conversion_push_equals_dry_run_and_loads_back(tiny_folder, hub, tmp_path):
     """An EVA .pt converted on the way, sharded at a small limit; --dry-run writes exactly what is uploaded."""
+    from safetensors.torch import load_file
+
     from evaclip_cli.checkpoints.folders import write_eva_file
     from evaclip_cli.models.specs import ARCHS
-    from safetensors.torch import load_file
 
     write_eva_file(load_file(str(tiny_folder / "open_clip_model.safetensors")), ARCHS["tiny"], tmp_path / "tiny.pt")
     args = [tmp_path / "tiny.pt", "--repo", "evaclip-org/tiny-sharded", "--model", "tiny", "--max-shard-size", "2MB"]

@@ -213,8 +213,8 @@ def test_train_on_json_captions_stops_with_one_line_then_trains_with_the_caption
     assert lines[-1].startswith("evaclip: error: 50 samples in a row without a usable one"), r.stderr[-3000:]
     assert "Traceback" not in r.stderr and 'caption = \\"json:caption\\"' not in lines[-1]
     assert 'caption = "json:caption"' in lines[-1]
-    r = train(env, tmp_path / "run2", "--recipe", recipe, "data.train=[{shards=\"%s\", caption=\"json:caption\"}]" % shard,
-              timeout=300)
+    source = f'data.train=[{{shards="{shard}", caption="json:caption"}}]'
+    r = train(env, tmp_path / "run2", "--recipe", recipe, source, timeout=300)
     assert "done" in r.stdout
 
 
@@ -305,6 +305,7 @@ def test_outputs_get_the_users_umask(tmp_path):
 # ---------------------------------------------------------------------------------------- outputs: locks, writes
 def test_a_second_run_into_a_locked_folder_stops_with_the_holders_pid_and_host(env, tmp_path):
     from evaclip_cli.atomic import _host, run_lock
+
     from helpers.runs import train
 
     run = tmp_path / "run"
@@ -328,8 +329,9 @@ def test_out_that_is_a_file_is_one_line(env, tmp_path):
 
 
 def test_convert_lock_and_stale_temporaries_of_killed_converts(tiny_clip_folder, tmp_path, capsys):
-    from conftest import run_cli
     from evaclip_cli.atomic import _host, output_lock
+
+    from conftest import run_cli
 
     dst = tmp_path / "out"
     with output_lock(dst):

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, run_cli
 from helpers.runs import EVACLIP, NAN_AT, metrics, train
 
+
 @pytest.mark.slow
 def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     out = tmp_path / "run"
@@ -29,8 +30,9 @@ def test_two_rank_zero3_lamb_then_convert(env, tmp_path):
     # the documented command consolidates the 2-rank ZeRO-3 checkpoint into an open_clip folder
     conv = tmp_path / "converted"
     assert run_cli(["convert", out / "checkpoints", conv, "--from", "deepspeed"]) == 0
-    import evaclip_cli  # noqa: F401
     import open_clip
+
+    import evaclip_cli  # noqa: F401
     from evaclip_cli.checkpoints.io import load_state_dict
 
     a = load_state_dict(conv / "open_clip_model.safetensors")
@@ -129,8 +131,8 @@ def test_init_from_mim_student_and_eva_text(env, tmp_path):
     import evaclip_cli  # noqa: F401
     from evaclip_cli.checkpoints.folders import write_eva_file
     from evaclip_cli.checkpoints.io import load_state_dict
-    from evaclip_cli.models.keymaps import open_clip_to_eva
     from evaclip_cli.models.clip import build_clip
+    from evaclip_cli.models.keymaps import open_clip_to_eva
     from evaclip_cli.recipes import load_recipe
 
     spec = load_recipe("tiny").recipe.spec()

@@ -8,10 +8,10 @@ shards), plus ImageFolder zero-shot sets (shapes, colours) built from held-out s
 Videos (for ``evaclip finetune-video``): one shape in one colour doing one of five motions over 16 frames
 (``MOTIONS``: sliding sideways, changing colour, blinking, growing and shrinking, standing still). A single frame
 of a colour-changing clip looks like a one-colour shape standing still, and the middle frame of a blinking clip may
-show nothing; several frames tell them apart. Written as Motion-JPEG AVI files (a real container and codec that decord/FFmpeg read; the writer
-is a few lines of RIFF, so no video encoder is needed at run time): ``video_train/`` shards (``KEY.avi`` +
-``KEY.txt`` + ``KEY.json``), ``video_val.csv`` (a ``path,caption`` manifest for retrieval) and zero-shot folders
-``zeroshot_video/{motion,colors}/test/<class>/*.avi`` from held-out seeds.
+show nothing; several frames tell them apart. Written as Motion-JPEG AVI files (a real container and codec that
+decord/FFmpeg read; the writer is a few lines of RIFF, so no video encoder is needed at run time): ``video_train/``
+shards (``KEY.avi`` + ``KEY.txt`` + ``KEY.json``), ``video_val.csv`` (a ``path,caption`` manifest for retrieval)
+and zero-shot folders ``zeroshot_video/{motion,colors}/test/<class>/*.avi`` from held-out seeds.
 """
 from __future__ import annotations
 

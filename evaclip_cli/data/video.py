@@ -213,8 +213,8 @@ class VideoStreamDataset(StreamDataset):
             caption = raw["txt"].decode("utf-8").strip()
             mode = "jitter" if self.jitter else "uniform"
             if ext is None and Path(src).suffix.lower().lstrip(".") in IMAGE_EXTS:
-                from PIL import Image
                 import numpy as np
+                from PIL import Image
 
                 with Image.open(src) as im:
                     frames = np.asarray(im.convert("RGB"))[None]

@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import math
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -202,7 +202,7 @@ class StreamDataset:
     def _samples(self, stream: int, counters: dict):
         """(unit, index in unit, member index, raw sample) in yield order, from the stream's start position."""
         unit, offset = self.start.get(str(stream), [0, 0])
-        empty_run, dead = 0, set()
+        empty_run, dead = 0, set[str]()
         while True:
             url, filt = self._unit(stream, unit)
             members = self._members(url, counters)
@@ -302,7 +302,7 @@ class StreamDataset:
         import numpy as np
 
         items, captions = [], []
-        skipped_run, seen = 0, {}  # samples skipped since the last usable one, and their member extensions
+        skipped_run, seen = 0, dict[str, int]()  # skipped since the last usable sample; their member extensions
         try:
             for aug_key, pos, raw in samples:
                 counters["samples"] += 1

@@ -44,7 +44,8 @@ def deepspeed_config(recipe, world_size: int, on_gpu: bool) -> dict:
     if ds.zero_stage >= 1:
         z.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8 if on_gpu else 5e7)
     if ds.zero_stage == 3:
-        z.update(stage3_param_persistence_threshold=1e5 if on_gpu else 0, stage3_gather_16bit_weights_on_model_save=False)
+        z.update(stage3_param_persistence_threshold=1e5 if on_gpu else 0,
+                 stage3_gather_16bit_weights_on_model_save=False)
     if ds.offload_optimizer:
         if ds.zero_stage == 0:
             raise UserError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")

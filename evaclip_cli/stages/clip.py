@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
+from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.errors import UserError
 from evaclip_cli.stages.common import ensure_demo, shard_pattern
+
 
 class ClipStage(LoaderStage):
     """Model, data and loss of contrastive image-text training; everything else is the engine's."""
@@ -24,8 +25,8 @@ class ClipStage(LoaderStage):
 
     # ---- model -----------------------------------------------------------------------------------------------
     def build_model(self, ctx):
-        from evaclip_cli.models.clip import build_clip
         from evaclip_cli.checkpoints.init import init_from_recipe
+        from evaclip_cli.models.clip import build_clip
 
         r = self.recipe
         model = build_clip(self.spec, zero_init=ctx.ds_config if ctx.zero_init else None, engine=True)
@@ -193,9 +194,8 @@ def prepare_recipe(recipe):
 
 
 def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
-    from evaclip_cli.engine.loop import run
-
     from evaclip_cli.engine import dist
+    from evaclip_cli.engine.loop import run
 
     recipe = prepare_recipe(recipe)
     stage = ClipStage(recipe)

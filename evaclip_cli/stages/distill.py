@@ -18,9 +18,9 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from evaclip_cli.engine.stage import LoaderStage
-from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli import atomic
+from evaclip_cli.engine.params import TowerCfg, clip_layer_id
+from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.errors import UserError
 
 
@@ -174,8 +174,8 @@ class DistillStage(LoaderStage):
         state = load_teacher_state(self.recipe.distill.teacher, self.teacher_spec) \
             if ctx.info.is_main or not zero3 else {}
         if zero3:
-            from evaclip_cli.engine.dist import all_gather_object
             from evaclip_cli.checkpoints.init import _Shape
+            from evaclip_cli.engine.dist import all_gather_object
 
             meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if ctx.info.is_main else None)[0]
             if not ctx.info.is_main:
@@ -190,7 +190,8 @@ class DistillStage(LoaderStage):
             from evaclip_cli.checkpoints.init import read_any
 
             st = read_any(self.recipe.init.vision, not self.spec.vision.qkv_fused)
-            st = {"student.trunk." + k[len("visual.trunk."):]: v for k, v in st.items() if k.startswith("visual.trunk.")}
+            st = {"student.trunk." + k[len("visual.trunk."):]: v for k, v in st.items()
+                  if k.startswith("visual.trunk.")}
             load_teacher_tower(model, st, ctx, zero3, prefix="student.trunk.")
         return model
 
