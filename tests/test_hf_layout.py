@@ -8,12 +8,13 @@ import shutil
 import open_clip
 import pytest
 import torch
-from conftest import FIXTURES, REFERENCE, run_cli
 from safetensors.torch import load_file, save_file
 
 import evaclip_cli  # noqa: F401
 from evaclip_cli.checkpoints.io import load_state_dict
 from evaclip_cli.errors import UserError
+
+from conftest import FIXTURES, REFERENCE, run_cli
 
 HF_REF = FIXTURES / "hf_reference"
 HF_STYLES = ("18b", "8b", "qkvbias")

@@ -13,12 +13,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import FIXTURES, REFERENCE, run_cli
-from helpers.hub_server import HubServer
 from safetensors.torch import load_file
 
 import evaclip_cli  # noqa: F401
 from evaclip_cli.checkpoints.io import load_state_dict
+
+from conftest import FIXTURES, REFERENCE, run_cli
+from helpers.hub_server import HubServer
 
 HF_REF = FIXTURES / "hf_reference"
 BAAI = "BAAI/EVA-CLIP-tiny"  # a BAAI-style repo: HF layout (18b-style fixture) + a big reference .pt beside it

@@ -13,13 +13,14 @@ import open_clip
 import pytest
 import timm
 import torch
-from helpers.hub_server import HubServer
 from safetensors.torch import load_file
 
 import evaclip_cli  # noqa: F401  (integrates)
 from evaclip_cli.checkpoints.folders import write_open_clip_folder
 from evaclip_cli.models.openclip_compat import INDEX_NAME, SUPPORTED_OPEN_CLIP, WEIGHTS_NAME
 from evaclip_cli.models.specs import ARCHS
+
+from helpers.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "open_clip", "timm", "deepspeed")

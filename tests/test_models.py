@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from conftest import REFERENCE
 
 import evaclip_cli  # noqa: F401  (integrates with timm and open_clip)
 from evaclip_cli.models.clip import build_clip, resample_pos_embed, tower_params
@@ -17,6 +16,8 @@ from evaclip_cli.models.specs import (
     spec_from_eva_config,
     spec_from_open_clip_cfg,
 )
+
+from conftest import REFERENCE
 
 # vision-tower counts of the reference code on the meta device (tests/fixtures/reference/README.md)
 REFERENCE_VISION = {"18b": 17_630_494_720, "8b": 7_526_088_704, "5b": 4_350_556_928, "b16": 86_263_040}

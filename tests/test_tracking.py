@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from helpers.runs import EVACLIP, NAN_AT, metrics
 
 from evaclip_cli.errors import UserError
 from evaclip_cli.recipes import load_recipe
+
+from conftest import ROOT
+from helpers.runs import EVACLIP, NAN_AT, metrics
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                  reason="wandb not installed (pip install -e '.[dev]' brings it)")

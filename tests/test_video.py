@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, run_cli
 from helpers.runs import EVACLIP, metrics, train
 
