@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, run_cli
 
 EVACLIP = [sys.executable, "-m", "evaclip_cli.cli"]

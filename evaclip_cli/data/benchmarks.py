@@ -93,6 +93,102 @@ class ImageDataset:
             return i, None
 
 
+# ------------------------------------------------------------------------------------- decode-ahead (eval/prefetch)
+@dataclass(frozen=True)
+class Crop:
+    """open_clip's eval preprocessing up to the pixels (``image_transform(size, is_train=False)``, resize mode
+    "shortest"): the shortest side resized to ``size`` with PIL's ``resample`` filter, then the centre
+    ``size``×``size`` crop. ``crop_image`` does it with PIL alone (no torch: decode workers may start before torch is
+    imported) and ``to_float`` does ``ToTensor`` + ``Normalize`` on a batch; together they give torchvision's tensor
+    bit for bit (``check_crop`` verifies that against the model's transform before the results are used)."""
+    size: int
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC, open_clip's default
+
+
+class NeedsTransform(Exception):
+    """An image the PIL-only path does not cover (never seen: the crop would need padding); the caller runs the
+    model's own transform on it."""
+
+
+def crop_image(im, crop: Crop):
+    """uint8 [size, size, 3] array of an RGB PIL image, as torchvision's ``Resize(size)`` (int: shortest side, no
+    max_size) then ``CenterCrop(size)`` then ``convert("RGB")`` produce it."""
+    import numpy as np
+
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = crop.size, int(crop.size * long / short)  # torchvision's _compute_resized_output_size
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        im = im.resize((new_w, new_h), crop.resample)
+    if crop.size > new_w or crop.size > new_h:
+        raise NeedsTransform
+    top = int(round((new_h - crop.size) / 2.0))  # torchvision's center_crop
+    left = int(round((new_w - crop.size) / 2.0))
+    im = im.crop((left, top, left + crop.size, top + crop.size)).convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_crop(data: bytes, crop: Crop, draft: Optional[int] = None):
+    return crop_image(decode_image(data, draft), crop)
+
+
+def to_float(u8, mean, std):
+    """[B, S, S, 3] uint8 (numpy or torch) -> [B, 3, S, S] float: torchvision's ``ToTensor`` (permute, to the default
+    float dtype, ``div(255)``) and ``Normalize`` (``sub_(mean).div_(std)``), the same elementwise operations on a
+    batch instead of one image."""
+    import torch
+
+    x = torch.as_tensor(u8).permute(0, 3, 1, 2).contiguous()
+    x = x.to(dtype=torch.get_default_dtype()).div(255)
+    m = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def crop_of(transform) -> Optional[tuple]:
+    """``(Crop, mean, std)`` when ``transform`` is open_clip's eval transform of a square model (torchvision
+    ``Compose([Resize(int), CenterCrop, MaybeConvertMode("RGB"), MaybeToTensor, Normalize])``), else None."""
+    try:
+        from open_clip.transform import MaybeConvertMode, MaybeToTensor
+        from torchvision import transforms as T
+        from torchvision.transforms.functional import pil_modes_mapping
+    except ImportError:
+        return None
+    ts = getattr(transform, "transforms", None)
+    if type(transform) is not T.Compose or not isinstance(ts, list) or len(ts) != 5:
+        return None
+    rs, cc, cm, tt, nm = ts
+    if not (type(rs) is T.Resize and type(cc) is T.CenterCrop and type(cm) is MaybeConvertMode
+            and type(tt) in (MaybeToTensor, T.ToTensor) and type(nm) is T.Normalize):
+        return None
+    size = rs.size[0] if isinstance(rs.size, (list, tuple)) and len(rs.size) == 1 else rs.size
+    if not isinstance(size, int) or rs.max_size is not None or tuple(cc.size) != (size, size) or cm.mode != "RGB" \
+            or nm.inplace or rs.interpolation not in pil_modes_mapping:
+        return None
+    return Crop(size, int(pil_modes_mapping[rs.interpolation])), tuple(nm.mean), tuple(nm.std)
+
+
+def check_crop(transform, crop: Crop, mean, std) -> bool:
+    """The PIL-only path equals ``transform`` bit for bit on synthetic images of awkward sizes (odd crops, both
+    orientations, one already at size): a guard against another torchvision's rounding before any result is used."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    s = crop.size
+    for w, h in ((2 * s + 3, s + 7), (s + 1, 3 * s + 2), (s, s), (s + 2, s)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        try:
+            ours = to_float(np.stack([crop_image(im, crop)]), mean, std)[0]
+        except NeedsTransform:
+            return False
+        if not torch.equal(ours, transform(im)):
+            return False
+    return True
+
+
 def collate(batch):
     import torch
 
@@ -180,7 +276,8 @@ def classification_set(root: str, split: str = "test", class_key: str = "cls") -
         if missing:
             raise UserError(f"{missing[0]}: shard not found")
         return _shards_classification(p.stem, [Path(s) for s in shards], class_key, None, None, "webdataset")
-    raise UserError(f"{root}: dataset not found (give an ImageFolder root, a CLIP_benchmark wds/ folder, or .tar shards)")
+    raise UserError(f"{root}: dataset not found (give an ImageFolder root, a CLIP_benchmark wds/ folder, or .tar "
+                    "shards)")
 
 
 def image_folder_set(root: Path) -> EvalSet:
@@ -221,7 +318,8 @@ def _wds_classification(root: Path, split: str, class_key: str) -> EvalSet:
     tpl = root / "zeroshot_classification_templates.txt"
     templates = _lines(tpl) if tpl.is_file() else None
     name = root.name if root.name not in ("", ".") else "wds"
-    return _shards_classification(name, _wds_shards(root, split), class_key, classnames, templates, "clip_benchmark wds")
+    return _shards_classification(name, _wds_shards(root, split), class_key, classnames, templates,
+                                  "clip_benchmark wds")
 
 
 def _shards_classification(name, shards, class_key, classnames, templates, layout) -> EvalSet:
@@ -288,9 +386,9 @@ def _caption_json(path: Path, images: Optional[Path], split: str) -> EvalSet:
             entries.append((rel, [s["raw"] if isinstance(s, dict) else str(s) for s in im.get("sentences", [])]))
         layout = "karpathy json"
     elif isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
-        for e in data:  # CLIP_benchmark's flickr/coco annotation files
-            caps = e.get("caption", e.get("captions", []))
-            entries.append((Path(e["image"]), [caps] if isinstance(caps, str) else list(caps)))
+        for entry in data:  # CLIP_benchmark's flickr/coco annotation files
+            caps = entry.get("caption", entry.get("captions", []))
+            entries.append((Path(entry["image"]), [caps] if isinstance(caps, str) else list(caps)))
         layout = "clip_benchmark json"
     else:
         raise UserError(f"{path}: unknown caption JSON (expected Karpathy's {{'images': [...]}} or "

@@ -5,11 +5,13 @@ An adapter says how to list a set (``len``), read item ``i`` (``dataset()[i]`` -
 input of one item (run through the model, never counted, when a rank has no readable item in a step), embed a batch
 (images: ``encode_image``; clips: every frame through ``encode_image``, then ``pool_frames``), and what the targets
 are: ``label(i)`` for classification, ``captions(order)`` for retrieval. ``name``, ``classnames``, ``templates``
-and ``targets`` (integer labels) are what ``prompts.resolve_prompts`` reads.
+and ``targets`` (integer labels) are what ``prompts.resolve_prompts`` reads. An adapter may also offer
+``decoded(order, batch_size, workers)`` (``ImageSet``: decode-ahead workers, ``prefetch.py``), which the loops prefer
+to a DataLoader over ``dataset()``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 
 def collate(batch):
@@ -21,7 +23,13 @@ def collate(batch):
 
 class ImageSet:
     """An indexed image set (``data.benchmarks.EvalSet``) decoded with ``transform`` (open_clip's eval
-    preprocessing of the model: ``LoadedClip.transform()``)."""
+    preprocessing of the model: ``LoadedClip.transform()``).
+
+    Decode-ahead (``eval/prefetch.py``): ``start_decoding`` may start worker processes on this rank's images before
+    the model — and so its transform — is known (the runner predicts the image size from the model's config);
+    ``set_transform`` then keeps their results only if the model's transform is open_clip's eval transform at that
+    size and the PIL-only path reproduces it bit for bit (``data.benchmarks.check_crop``). ``decoded`` gives the
+    loops that pool's batches (starting one if none runs), or None: the loops use a DataLoader over ``dataset()``."""
 
     kind = "image"
     prefetch = 4
@@ -32,6 +40,84 @@ class ImageSet:
         self.name = evalset.name
         self.classnames, self.templates = evalset.classnames, evalset.templates
         self.missing = evalset.missing
+        self.pool: Any = None  # eval.prefetch.CropPool
+        self._fast: Optional[tuple] = None  # (Crop, mean, std) once the transform is recognised and checked
+        self._fast_for = None  # the transform _fast was computed for
+
+    # ------------------------------------------------------------------------------------------ decode-ahead
+    def start_decoding(self, order: list, batch_size: int, workers: int, size: int) -> None:
+        """Decode and crop ``items[i]`` for ``i`` in ``order`` to ``size`` on ``workers`` processes, now."""
+        from evaclip_cli.data.benchmarks import Crop
+        from evaclip_cli.eval.prefetch import CropPool, available
+
+        self.close()
+        if order and size > 0 and available(workers):
+            self.pool = CropPool(self.evalset.items, order, batch_size, workers, Crop(size), self.draft)
+
+    def set_transform(self, transform, image_size: int, draft: Optional[int] = None) -> None:
+        """The model's preprocessing (and ``--fast-decode``'s draft size); a running pool that does not match it is
+        stopped."""
+        self.transform, self.image_size, self.draft = transform, image_size, draft
+        if self.pool is not None:
+            fast = self._recognised()
+            if fast is None or fast[0] != self.pool.crop or self.pool.draft != draft:
+                self.close()
+
+    def _recognised(self) -> Optional[tuple]:
+        from evaclip_cli.data.benchmarks import check_crop, crop_of
+
+        if self._fast_for is not self.transform:
+            fast = crop_of(self.transform)
+            self._fast = fast if fast is not None and check_crop(self.transform, *fast) else None
+            self._fast_for = self.transform
+        return self._fast
+
+    def decoded(self, order: list, batch_size: int, workers: int):
+        """``(indices, inputs | None, unreadable)`` batches of ``order`` from decode-ahead workers (the running pool
+        if it decodes exactly these batches, else a new one), or None when the transform is not open_clip's."""
+        from evaclip_cli.eval.prefetch import available
+
+        fast = self._recognised() if self.transform is not None else None
+        if fast is None:
+            self.close()
+            return None
+        pool = self.pool
+        if pool is None or pool.order != list(order) or pool.batch_size != batch_size or pool.crop != fast[0] \
+                or pool.draft != self.draft:
+            if not available(workers):
+                self.close()
+                return None
+            self.start_decoding(order, batch_size, workers, fast[0].size)
+            pool = self.pool
+        return self._from_pool(pool, fast)
+
+    def _from_pool(self, pool, fast):
+        from evaclip_cli.data.benchmarks import decode_image, read_bytes, to_float
+
+        _, mean, std = fast
+        for j in range(pool.n):
+            good, u8, bad, redo = pool.get(j)
+            x = to_float(u8, mean, std) if u8 is not None else None
+            if redo:  # the model's own transform, merged back in the batch's order
+                import torch
+
+                done = dict(zip(good, x)) if x is not None else {}
+                for i in redo:
+                    try:
+                        done[i] = self.transform(decode_image(read_bytes(self.evalset.items[i]), self.draft))
+                    except Exception:
+                        bad.append(i)
+                chunk, unreadable = pool.order[j * pool.batch_size:(j + 1) * pool.batch_size], set(bad)
+                good = [i for i in chunk if i in done]
+                bad = [i for i in chunk if i in unreadable]
+                x = torch.stack([done[i] for i in good]) if good else None
+            yield good, x, bad
+
+    def close(self) -> None:
+        """Stop decode-ahead workers (idempotent)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     @property
     def targets(self):

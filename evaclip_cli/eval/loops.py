@@ -38,15 +38,21 @@ def rank_slice(n: int, rank: int, world: int, batch_size: int) -> tuple[list, in
     return idx, -(-per // batch_size)
 
 
-def batches(adapter, rt: Runtime):
-    """``(indices, inputs | None, unreadable indices)`` for exactly ``steps`` steps on every rank (empty past the
-    end of this rank's slice)."""
+def open_batches(adapter, rt: Runtime):
+    """Start reading this rank's batches now — DataLoader workers, or the adapter's decode-ahead workers
+    (``adapter.decoded``: ``ImageSet`` with open_clip's transform), begin decoding at this call — and return the
+    iterator of ``(indices, inputs | None, unreadable indices)`` for exactly ``steps`` steps on every rank (empty past
+    the end of this rank's slice). The runner opens it before building the text classifier, so images are decoded
+    while prompts are encoded."""
     import torch
 
     idx, steps = rank_slice(len(adapter), rt.rank, rt.world, rt.batch_size)
-    if not idx:
+    loader = None
+    if idx and rt.workers and hasattr(adapter, "decoded"):
+        loader = adapter.decoded(idx, rt.batch_size, rt.workers)
+    if loader is None and not idx:
         loader = iter(())
-    else:
+    elif loader is None:
         from evaclip_cli.eval.adapters import collate
 
         sub = torch.utils.data.Subset(adapter.dataset(), idx)
@@ -54,8 +60,17 @@ def batches(adapter, rt: Runtime):
             sub, batch_size=rt.batch_size, shuffle=False, num_workers=rt.workers, collate_fn=collate,
             persistent_workers=False, prefetch_factor=adapter.prefetch if rt.workers else None,
             pin_memory=torch.cuda.is_available() and adapter.kind == "image"))
+    return _steps(loader, steps)
+
+
+def _steps(loader, steps: int):
     for _ in range(steps):
         yield next(loader, ([], None, []))
+
+
+def batches(adapter, rt: Runtime):
+    """``open_batches``, opened when iteration starts."""
+    yield from open_batches(adapter, rt)
 
 
 def _embed(adapter, rt: Runtime, x):
@@ -70,10 +85,10 @@ def _embed(adapter, rt: Runtime, x):
         return adapter.embed(rt.loaded.model, x.to(rt.device, non_blocking=True), rt.dtype).float()
 
 
-def classify(adapter, W, rt: Runtime, progress: Optional[Callable] = None) -> dict:
+def classify(adapter, W, rt: Runtime, progress: Optional[Callable] = None, source=None) -> dict:
     """Zero-shot classification of ``adapter``'s items with the classifier ``W`` ([D, classes]): ``acc1``,
     ``acc5``, ``mean_per_class_recall``, ``samples`` (items counted, over all ranks), ``skipped`` (unreadable,
-    plus those listed without data)."""
+    plus those listed without data). ``source``: the batches, if already opened (``open_batches``)."""
     import torch
 
     from evaclip_cli.eval.metrics import accumulate, all_reduce_state, empty_state, finalize, sum_across
@@ -81,7 +96,7 @@ def classify(adapter, W, rt: Runtime, progress: Optional[Callable] = None) -> di
     n_classes = W.shape[1]
     state, skipped = empty_state(n_classes), 0
     with torch.no_grad():
-        for idx, x, bad in batches(adapter, rt):
+        for idx, x, bad in (batches(adapter, rt) if source is None else source):
             skipped += len(bad)
             emb = _embed(adapter, rt, x)
             if emb is not None:
@@ -95,10 +110,10 @@ def classify(adapter, W, rt: Runtime, progress: Optional[Callable] = None) -> di
     return res
 
 
-def retrieve(adapter, rt: Runtime, text_batch_size: int, progress: Optional[Callable] = None) -> dict:
+def retrieve(adapter, rt: Runtime, text_batch_size: int, progress: Optional[Callable] = None, source=None) -> dict:
     """Retrieval between ``adapter``'s items and their captions: R@1/5/10 both ways (CLIP_benchmark's names),
     ``samples``, ``captions``, ``skipped``. Item embeddings are gathered from every rank; every rank then encodes
-    every caption (the same forwards everywhere)."""
+    every caption (the same forwards everywhere). ``source``: the batches, if already opened (``open_batches``)."""
     import torch
 
     from evaclip_cli.engine.dist import all_gather_object
@@ -107,7 +122,7 @@ def retrieve(adapter, rt: Runtime, text_batch_size: int, progress: Optional[Call
 
     ids, embs, skipped = [], [], 0
     with torch.no_grad():
-        for idx, x, bad in batches(adapter, rt):
+        for idx, x, bad in (batches(adapter, rt) if source is None else source):
             skipped += len(bad)
             emb = _embed(adapter, rt, x)
             if emb is not None:

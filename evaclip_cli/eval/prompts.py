@@ -3,7 +3,8 @@
 Class embedding = mean of the L2-normalised template embeddings, renormalised; logits = 100 · img · W.
 ``resolve_prompts`` decides where names and templates come from (and checks them) for image and video sets alike;
 ``classifier`` builds W, cached on disk for ``evaclip eval`` (keyed by the model's weights, names and templates) and
-never for training's periodic eval (the weights change between evals).
+never for training's periodic eval (the weights change between evals). Prompts are tokenized through
+``tokenize.fast_tokenizer`` (open_clip's ids, less work).
 """
 from __future__ import annotations
 
@@ -138,11 +139,13 @@ def encode_texts(loaded, texts: Sequence[str], device, batch_size: int, autocast
     import torch
     import torch.nn.functional as F
 
-    encode, out = text_encoder(loaded.model), []
+    from evaclip_cli.eval.tokenize import fast_tokenizer
+
+    encode, tokenize, out = text_encoder(loaded.model), fast_tokenizer(loaded.tokenize), []
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
             with (autocast or contextlib.nullcontext)():
-                e = encode(loaded.tokenize(list(texts[s:s + batch_size])).to(device))
+                e = encode(tokenize(list(texts[s:s + batch_size])).to(device))
             out.append(F.normalize(e.float(), dim=-1).cpu())
     if not out:
         return torch.zeros(0, 0)
@@ -193,9 +196,11 @@ def classifier(loaded, classnames, templates, device, batch_size: int, autocast=
                     return W.to(device), True
             except Exception:
                 pass
+    from evaclip_cli.eval.tokenize import fast_tokenizer
+
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
-        W = zeroshot_classifier(text_encoder(loaded.model), loaded.tokenize, classnames, templates, device,
-                                batch_size=batch_size)
+        W = zeroshot_classifier(text_encoder(loaded.model), fast_tokenizer(loaded.tokenize), classnames, templates,
+                                device, batch_size=batch_size)
     W = W.float()
     if path is not None and int(os.environ.get("RANK", "0")) == 0:
         from evaclip_cli.atomic import atomic_file

@@ -41,6 +41,86 @@ def setup_dist():
     return rank, world, device
 
 
+def env_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size as torchrun sets them (``setup_dist`` reads the same), known before
+    torch is imported."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _open_clip_config(model, pretrained=None) -> Optional[dict]:
+    """The config of an open_clip folder (or of a run folder's ``final/``), read without loading anything; None for
+    any other source."""
+    import json
+
+    if pretrained is not None:
+        return None
+    p = Path(model)
+    for d in (p / "final", p):
+        cfg = d / "open_clip_config.json"
+        if cfg.is_file():
+            try:
+                got = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return got if isinstance(got, dict) and isinstance(got.get("model_cfg"), dict) else None
+    return None
+
+
+def predicted_image_size(model, pretrained=None) -> Optional[int]:
+    """The input size an open_clip folder (or a run folder's ``final/``) declares: decode-ahead starts with it;
+    ``ImageSet.set_transform`` discards that work if the loaded model says otherwise. None when it cannot be known
+    before loading."""
+    cfg = _open_clip_config(model, pretrained)
+    vision = cfg["model_cfg"].get("vision_cfg", {}) if cfg else None
+    if not isinstance(vision, dict):
+        return None
+    size = vision.get("image_size", 224)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def import_open_clip_lean(model, pretrained=None) -> bool:
+    """Import open_clip without ``transformers`` (about a sixth of open_clip's import) when the model to evaluate is
+    an open_clip folder whose text tower and tokenizer are not Hugging Face ones (no ``hf_*`` key in ``text_cfg``;
+    every EVA-CLIP): open_clip imports it only for those, inside ``try/except ImportError``. Nothing happens when
+    open_clip is imported already (``python -m evaclip_cli.cli`` imports it with the package). True if done."""
+    import sys
+
+    if "open_clip" in sys.modules or "transformers" in sys.modules:
+        return False
+    cfg = _open_clip_config(model, pretrained)
+    text = cfg["model_cfg"].get("text_cfg", {}) if cfg else None
+    if not isinstance(text, dict) or any(str(k).startswith("hf_") for k in text):
+        return False
+    sys.modules["transformers"] = None  # type: ignore[assignment]  # `import transformers` raises ImportError
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:  # another open_clip that needs it: forget the half-import, let the loader import it normally
+        for k in [k for k in sys.modules if k == "open_clip" or k.startswith("open_clip.")]:
+            del sys.modules[k]
+        return False
+    finally:
+        if "transformers" in sys.modules and sys.modules["transformers"] is None:
+            del sys.modules["transformers"]
+    return True
+
+
+def _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode) -> None:
+    """Decode-ahead of this rank's images at the size the model's config declares, before the model is loaded."""
+    from evaclip_cli.eval.loops import rank_slice
+
+    size = predicted_image_size(model, pretrained)
+    if size is None:
+        return
+    rank, world = env_rank_world()
+    adapter.draft = size if fast_decode else None
+    adapter.start_decoding(rank_slice(len(adapter), rank, world, batch_size)[0], batch_size,
+                           default_workers() if workers is None else workers, size)
+
+
 def _model_and_dist(model, pretrained, eva_config, arch, loaded=None):
     rank, world, device = setup_dist()
     if loaded is None:
@@ -186,19 +266,28 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     """``evaclip eval zeroshot``: zero-shot classification of an image set; returns the metrics JSON."""
     from evaclip_cli.data.benchmarks import classification_set
     from evaclip_cli.eval.adapters import ImageSet
-    from evaclip_cli.eval.loops import classify
+    from evaclip_cli.eval.loops import classify, open_batches
     from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
 
     evalset = classification_set(dataset, split=split, class_key=class_key)
     names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
-    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
-    precision = resolve_precision(precision, device)
-    rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
-    model_id = fingerprint(model, f"{pretrained}|{eva_config}|{arch}|{precision}")
-    W, _ = classifier(loaded, names, tpls, device, batch_size, rt.autocast, model_id if cache else None)
-    adapter = ImageSet(evalset, loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
-    with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
-        r = classify(adapter, W, rt, prog)
+    adapter = ImageSet(evalset, None, 0)
+    try:
+        # images are decoded from here on: while torch, the model and the text classifier load
+        if loaded is None:
+            _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode)
+            import_open_clip_lean(model, pretrained)
+        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+        precision = resolve_precision(precision, device)
+        rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
+        adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
+        source = open_batches(adapter, rt)
+        model_id = fingerprint(model, f"{pretrained}|{eva_config}|{arch}|{precision}")
+        W, _ = classifier(loaded, names, tpls, device, batch_size, rt.autocast, model_id if cache else None)
+        with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+            r = classify(adapter, W, rt, prog, source)
+    finally:
+        adapter.close()
     out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_classification",
            "metrics": {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}, "samples": r["samples"],
            "skipped": r["skipped"], "language": "en", "classes": len(names), "templates": len(tpls),
@@ -215,15 +304,23 @@ def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretraine
     """``evaclip eval retrieval``: image-text retrieval (R@1/5/10 both ways); returns the metrics JSON."""
     from evaclip_cli.data.benchmarks import retrieval_set
     from evaclip_cli.eval.adapters import ImageSet
-    from evaclip_cli.eval.loops import retrieve
+    from evaclip_cli.eval.loops import open_batches, retrieve
 
     evalset = retrieval_set(dataset, images=images, split=split)
-    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
-    precision = resolve_precision(precision, device)
-    rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
-    adapter = ImageSet(evalset, loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
-    with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
-        r = retrieve(adapter, rt, batch_size, prog)
+    adapter = ImageSet(evalset, None, 0)
+    try:
+        if loaded is None:
+            _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode)
+            import_open_clip_lean(model, pretrained)
+        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+        precision = resolve_precision(precision, device)
+        rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
+        adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
+        source = open_batches(adapter, rt)
+        with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
+            r = retrieve(adapter, rt, batch_size, prog, source)
+    finally:
+        adapter.close()
     out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_retrieval",
            "metrics": r["metrics"], "samples": r["samples"], "captions": r["captions"], "skipped": r["skipped"],
            "language": "en", "layout": evalset.layout}

@@ -35,8 +35,10 @@ class LoadedClip:
     def live(cls, model, spec, name: str = "training") -> "LoadedClip":
         """The model being trained (any ZeRO stage): tokenizer at the spec's full context length, CLIP's
         mean/std, the spec's image size."""
+        import functools
+
         from open_clip.tokenizer import tokenize
 
-        ctx = spec.text.context_length
-        return cls(model=model, tokenize=lambda texts: tokenize(texts, context_length=ctx),
+        # a partial, not a lambda: eval.tokenize.fast_tokenizer recognises it (same ids, less work)
+        return cls(model=model, tokenize=functools.partial(tokenize, context_length=spec.text.context_length),
                    image_size=spec.vision.image_size, name=name, spec=spec, source="live")
