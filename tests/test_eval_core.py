@@ -226,3 +226,25 @@ def test_periodic_eval_of_last_step_equals_eval_zeroshot(tmp_path):
     assert abs(last["digits/acc1"] - ev["metrics"]["acc1"]) <= 1e-6
     assert abs(last["digits/acc5"] - ev["metrics"]["acc5"]) <= 1e-6
     assert last["digits/chance"] == pytest.approx(0.1)
+
+
+def test_imagefolder_class_names_classnames_txt_then_shipped_list_then_folder_names(tmp_path):
+    """An ImageNet copy's folders are WordNet ids: the shipped names apply when there is one per folder."""
+    from PIL import Image
+
+    from evaclip_cli.data.benchmarks import image_folder_set
+    from evaclip_cli.eval.prompts import resolve_prompts, shipped_metadata
+
+    def folder(root, names):
+        for n in names:
+            (root / "test" / n).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / "test" / n / "x.jpg")
+        return image_folder_set(root)
+
+    cifar = shipped_metadata()["classnames"]["cifar10"]
+    es = folder(tmp_path / "cifar10", [f"{i:02d}" for i in range(10)])
+    assert resolve_prompts(es, "cifar10")[0] == cifar  # shipped, one per folder
+    es = folder(tmp_path / "c3" / "cifar10", ["apple_pie", "b", "c"])
+    assert resolve_prompts(es, "cifar10")[0] == ["apple pie", "b", "c"]  # count differs: the folder names
+    (tmp_path / "c3" / "cifar10" / "classnames.txt").write_text("x\ny\nz\n")
+    assert resolve_prompts(image_folder_set(tmp_path / "c3" / "cifar10"), "cifar10")[0] == ["x", "y", "z"]

@@ -368,3 +368,30 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_last_checkpoint_resumes
     r = train(env, run, *args, "--resume", "auto")
     assert "resumed from" in r.stdout and "global_step5" in r.stdout, r.stdout[-2000:]
     assert metrics(run)[0][-1]["step"] == 20
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+def test_eval_with_no_readable_image_or_a_class_without_one_is_one_line(tiny_clip_folder, tmp_path, capsys):
+    from conftest import run_cli
+
+    def make(root, good):
+        for c in ("cat", "dog"):
+            (root / "test" / c).mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                f = root / "test" / c / f"{i}.jpg"
+                if good.get(c):
+                    Image.new("RGB", (32, 32), (i * 40, 90, 200)).save(f)
+                else:
+                    f.write_bytes(b"not a jpeg")
+        return root
+
+    none = make(tmp_path / "none", {})
+    code = run_cli(["eval", "zeroshot", "-m", tiny_clip_folder, "-d", none, "--workers", "0", "--no-cache"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("evaclip: error: none: none of the 6 images could be decoded"), err
+    half = make(tmp_path / "half", {"cat": True})
+    code = run_cli(["eval", "zeroshot", "-m", tiny_clip_folder, "-d", half, "--workers", "0", "--no-cache"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("evaclip: error: half: no readable image in class 'dog'"), err

@@ -50,6 +50,7 @@ class EvalSet:
     layout: str = ""
     notes: list = field(default_factory=list)
     missing: int = 0  # samples located but without an image/label part (counted as skipped)
+    folder_names: Optional[list] = None  # ImageFolder: the class folders' names, the last resort for class names
 
 
 def read_bytes(loc: Locator) -> bytes:
@@ -298,13 +299,12 @@ def image_folder_set(root: Path) -> EvalSet:
         if len(classnames) != len(class_dirs):
             raise UserError(f"{root / 'classnames.txt'}: {len(classnames)} class names for {len(class_dirs)} class "
                             f"folders in {base}; one name per folder, in sorted folder order")
-    else:
-        classnames = [d.name.replace("_", " ") for d in class_dirs]
     templates = None
     for name in ("templates.txt", "zeroshot_classification_templates.txt"):
         if (root / name).is_file():
             templates = _lines(root / name)
-    return EvalSet(root.name, "classification", items, targets, classnames, templates, "imagefolder")
+    return EvalSet(root.name, "classification", items, targets, classnames, templates, "imagefolder",
+                   folder_names=[d.name.replace("_", " ") for d in class_dirs])
 
 
 def _wds_classification(root: Path, split: str, class_key: str) -> EvalSet:

@@ -39,6 +39,7 @@ class ImageSet:
         self.evalset, self.transform, self.image_size, self.draft = evalset, transform, image_size, draft
         self.name = evalset.name
         self.classnames, self.templates = evalset.classnames, evalset.templates
+        self.folder_names = getattr(evalset, "folder_names", None)
         self.missing = evalset.missing
         self.pool: Any = None  # eval.prefetch.CropPool
         self._fast: Optional[tuple] = None  # (Crop, mean, std) once the transform is recognised and checked

@@ -107,7 +107,22 @@ def classify(adapter, W, rt: Runtime, progress: Optional[Callable] = None, sourc
     state = all_reduce_state(state)
     res = finalize(state)
     res["skipped"] = sum_across(skipped) + adapter.missing
+    listed = {adapter.label(i) for i in range(len(adapter))}
+    res["classes_unread"] = sorted(c for c in listed if c < n_classes and state["per_class_n"][c] == 0)
     return res
+
+
+def require_readable(res: dict, adapter, classnames, what: str = "image") -> None:
+    """``evaclip eval``'s rule: a set with nothing readable, or a class whose every item is unreadable, is bad
+    input (one line), not an accuracy of 0 on 0 samples."""
+    if res["samples"] == 0:
+        raise UserError(f"{adapter.name}: none of the {len(adapter)} {what}s could be decoded; check the files "
+                        "(`evaclip data inspect` counts them for shards)")
+    if res.get("classes_unread"):
+        c = res["classes_unread"]
+        names = ", ".join(f"'{classnames[i]}'" for i in c[:3]) + (f" and {len(c) - 3} more" if len(c) > 3 else "")
+        raise UserError(f"{adapter.name}: no readable {what} in class {names}: every one of its {what}s failed to "
+                        "decode; fix or remove those files")
 
 
 def retrieve(adapter, rt: Runtime, text_batch_size: int, progress: Optional[Callable] = None, source=None) -> dict:

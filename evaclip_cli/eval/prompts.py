@@ -50,15 +50,22 @@ def _read_list(path, what: str) -> list:
 
 def resolve_prompts(evalset, dataset_key: Optional[str], classnames_file=None, templates_file=None):
     """Class names and templates of ``evalset`` (anything with ``name``, ``classnames``, ``templates`` and integer
-    ``targets``): the files given > the dataset's own > the shipped ones for its name > "a photo of a {c}.".
+    ``targets``). Class names: the file given > the dataset's own (``classnames.txt``) > the shipped list for its
+    name (for an ImageFolder, when it has one name per class folder: an ImageNet copy's folders are WordNet ids) >
+    the folder names. Templates: the file given > the dataset's own > the shipped ones > "a photo of a {c}.".
     Checked: the files exist, every label has a name, every template has the ``{c}`` placeholder."""
     meta = shipped_metadata()
     key = metadata_key(dataset_key or evalset.name)
     classnames = evalset.classnames
+    folders = getattr(evalset, "folder_names", None)
     if classnames_file:
         classnames = _read_list(classnames_file, "class-names")
     elif classnames is None and key in meta["classnames"]:
-        classnames = meta["classnames"][key]
+        shipped = meta["classnames"][key]
+        if folders is None or len(shipped) == len(folders):
+            classnames = shipped
+    if classnames is None:
+        classnames = folders
     if classnames is None:
         raise UserError(f"{evalset.name}: no class names (the dataset has no classnames.txt and '{key}' is not a "
                         "known benchmark); pass --classnames FILE (one name per line, in label order)")

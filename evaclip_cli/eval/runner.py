@@ -266,7 +266,7 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     """``evaclip eval zeroshot``: zero-shot classification of an image set; returns the metrics JSON."""
     from evaclip_cli.data.benchmarks import classification_set
     from evaclip_cli.eval.adapters import ImageSet
-    from evaclip_cli.eval.loops import classify, open_batches
+    from evaclip_cli.eval.loops import classify, open_batches, require_readable
     from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
 
     evalset = classification_set(dataset, split=split, class_key=class_key)
@@ -288,6 +288,7 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
             r = classify(adapter, W, rt, prog, source)
     finally:
         adapter.close()
+    require_readable(r, adapter, names)
     out = {"dataset": name or evalset.name, "model": str(model), "task": "zeroshot_classification",
            "metrics": {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}, "samples": r["samples"],
            "skipped": r["skipped"], "language": "en", "classes": len(names), "templates": len(tpls),
@@ -336,7 +337,7 @@ def run_video(model: str, dataset: str, *, name: Optional[str] = None, task: str
     ``mean_per_class_recall``, ``mean_top1_top5``) or video-text retrieval on a ``path,caption`` manifest, with the
     middle frame (``frames=1``, the paper's protocol) or the mean of ``frames`` segment centres."""
     from evaclip_cli.eval.adapters import ClipSet
-    from evaclip_cli.eval.loops import classify, retrieve
+    from evaclip_cli.eval.loops import classify, require_readable, retrieve
     from evaclip_cli.eval.prompts import classifier, resolve_prompts
 
     path = Path(dataset)
@@ -373,8 +374,7 @@ def run_video(model: str, dataset: str, *, name: Optional[str] = None, task: str
     W, _ = classifier(loaded, names, tpls, device, 256, rt.autocast)
     with Progress(len(adapter), path.name, not quiet and rank == 0) as prog:
         r = classify(adapter, W, rt, prog)
-    if r["samples"] == 0:
-        raise UserError(f"{path}: none of the {len(adapter)} clips could be decoded")
+    require_readable(r, adapter, names, "clip")
     m = {"acc1": r["acc1"], "acc5": r["acc5"], "mean_per_class_recall": r["mean_per_class_recall"],
          "mean_top1_top5": (r["acc1"] + r["acc5"]) / 2}
     out = {"dataset": label, "model": str(model), "task": "video_classification", "metrics": m,
