@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +77,7 @@ def _from_state(state: dict, spec, device: str, name: str, source: str) -> Loade
         raise UserError(f"{name}: {len(missing)} tensors missing for the model (first: {missing[0]}); is it a vision-"
                         "only checkpoint? `evaclip eval` needs both towers")
     ctx = spec.text.context_length
-    return LoadedClip(model=model.to(device).eval(), tokenize=lambda texts: tokenize(texts, context_length=ctx),
+    return LoadedClip(model=model.to(device).eval(), tokenize=functools.partial(tokenize, context_length=ctx),
                       image_size=spec.vision.image_size, name=name, spec=spec, source=source)
 
 

@@ -282,7 +282,8 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
         rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
         adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
         source = open_batches(adapter, rt)
-        model_id = fingerprint(model, f"{pretrained}|{eva_config}|{arch}|{precision}")
+        # a Hub source: its cache snapshot (the path names the commit), so a new revision never reuses a classifier
+        model_id = fingerprint(loaded.extra.get("resolved", model), f"{pretrained}|{eva_config}|{arch}|{precision}")
         W, _ = classifier(loaded, names, tpls, device, batch_size, rt.autocast, model_id if cache else None)
         with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
             r = classify(adapter, W, rt, prog, source)
