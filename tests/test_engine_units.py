@@ -150,3 +150,20 @@ def test_intra_op_threads_share_the_cpus_among_local_ranks():
     assert intra_op_threads(0, 2 * n, {}) == 1  # never zero
     assert intra_op_threads(0, 1, {"OMP_NUM_THREADS": "3"}) == 3  # the user's (or torchrun's) setting wins
     assert intra_op_threads(5, 1, {"OMP_NUM_THREADS": "3"}) == 5  # the recipe's compute.threads wins over both
+
+
+def test_zero3_partitioned_matrices_still_get_weight_decay():
+    """Under zero.Init every parameter is a 1-D partition; its real rank is in ds_shape (this once left an 18B run
+    without any weight decay)."""
+    from evaclip_cli.engine.params import TowerCfg, build_param_groups, no_weight_decay
+
+    w = torch.nn.Parameter(torch.zeros(12))  # a partition of a [4, 6] matrix
+    w.ds_shape = torch.Size([4, 6])
+    g = torch.nn.Parameter(torch.zeros(3))
+    g.ds_shape = torch.Size([6])
+    assert not no_weight_decay("visual.trunk.blocks.0.mlp.fc1.weight", w)
+    assert no_weight_decay("visual.trunk.blocks.0.norm1.weight", g)
+    named = [("visual.trunk.blocks.0.mlp.fc1.weight", w), ("visual.trunk.blocks.0.norm1.weight", g)]
+    groups = build_param_groups(named, {"vision": TowerCfg(1e-3, 0.05, 0.9, 1)}, lambda n: ("vision", 1))
+    assert {x["name"]: x["weight_decay"] for x in groups} == {"vision.layer1.decay": 0.05,
+                                                              "vision.layer1.no_decay": 0.0}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -134,17 +135,17 @@ def cpu_budget() -> int:
     import math
 
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = None
+    quota: Optional[float] = None
     try:  # cgroup v2: "max 100000" or "200000 100000"
-        q, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if q != "max":
-            quota = int(q) / int(period)
-    except (OSError, ValueError):
+        v2 = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if v2[0] != "max":
+            quota = int(v2[0]) / int(v2[1])
+    except (OSError, ValueError, IndexError):
         try:  # cgroup v1
-            q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
-            period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
-            if q > 0:
-                quota = q / period
+            q1 = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            p1 = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+            if q1 > 0:
+                quota = q1 / p1
         except (OSError, ValueError):
             pass
     if quota is not None:

@@ -287,8 +287,8 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     except Exception as e:
         if not dist.is_peer_failure(e):
             raise
-        done = ckpt.list_complete(ckpt_dir)
-        where = f"resume from {done[-1][1]} with --resume auto" if done else "no checkpoint was written yet"
+        whole = ckpt.list_complete(ckpt_dir)
+        where = f"resume from {whole[-1][1]} with --resume auto" if whole else "no checkpoint was written yet"
         raise PeerLost(f"rank {info.rank} lost another process of the job at step {step + 1} "
                        f"({type(e).__name__}: {first_line(e, 160)}); {where}") from None
     finally:

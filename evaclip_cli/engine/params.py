@@ -46,7 +46,10 @@ def clip_layer_id(name: str, vision_depth: int, text_layers: int) -> tuple[str, 
 
 
 def no_weight_decay(name: str, param) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
+    """1-D tensors (norms, biases), embeddings by name: no weight decay. The rank is the parameter's full shape: under
+    ZeRO-3's zero.Init every parameter is already a 1-D partition (``ds_shape`` holds the real one)."""
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    return ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
 
 
 def build_param_groups(named_params, towers: dict[str, TowerCfg], layer_id: Callable[[str], tuple[str, int]],
