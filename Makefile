@@ -27,11 +27,11 @@ check: venv
 
 # everything CI runs (.ci/run)
 test: check
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 tests
 
 # the quick loop while editing: the static checks and every test not marked slow
 test-fast: check
-	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests
 
 completions: venv
 	$(VENV)/bin/python -m evaclip_cli.cli.completions write completions

@@ -164,6 +164,7 @@ def test_bad_input_one_line(bench, tmp_path, capsys):
     code, _, err = run_cli(["eval", "zeroshot", "-m", m, "-d", empty], capsys)
     assert code == 2 and "empty class folder" in err and str(empty / "b") in err
     (empty / "b" / "y.png").write_bytes(b"not a png")  # unreadable: skipped and counted
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(empty / "b" / "z.png")  # (a class with none readable is an error)
     (empty / "classnames.txt").write_text("one\ntwo\nthree\n")
     code, _, err = run_cli(["eval", "zeroshot", "-m", m, "-d", empty], capsys)
     assert code == 2 and "3 class names for 2 class folders" in err
@@ -172,7 +173,7 @@ def test_bad_input_one_line(bench, tmp_path, capsys):
                              capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "o.json").read_text())
-    assert res["samples"] == 1 and res["skipped"] == 1 and "1 unreadable" in err
+    assert res["samples"] == 2 and res["skipped"] == 1 and "1 unreadable" in err
     code, _, err = run_cli(["eval", "zeroshot", "-m", tmp_path / "missing-model", "-d", empty], capsys)
     assert code == 2 and "no such file or folder" in err
     code, _, err = run_cli(["eval", "suite", "-m", m, "--root", tmp_path / "noroot"], capsys)

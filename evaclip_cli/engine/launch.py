@@ -303,7 +303,7 @@ def execute(p: Plan) -> int:
     if isinstance(p, Sbatch):
         p.path.parent.mkdir(parents=True, exist_ok=True)
         p.path.write_text(p.script)
-        console.print(f"wrote {p.path}: submit it with [bold]sbatch {p.path}[/bold]")
+        console.print(f"wrote {p.path}: submit it with [bold]sbatch {p.path}[/bold]", soft_wrap=True)
         return 0
     if isinstance(p, DryRun):
         if isinstance(p.target, Sbatch):

@@ -37,7 +37,9 @@ class Context:
         return self.engine.device if self.engine is not None else self.info.device
 
     def print(self, *a, **k):
+        """A line for the user (rank 0). Lines are not wrapped at the terminal width: paths stay copyable."""
         if self.info.is_main and self.console is not None:
+            k.setdefault("soft_wrap", True)
             self.console.print(*a, **k)
 
 
