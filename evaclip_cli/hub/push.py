@@ -13,28 +13,22 @@ generated model card ``README.md``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from evaclip_cli import __version__
 from evaclip_cli.errors import UserError
-from evaclip_cli.models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from evaclip_cli.hub.card import human as _human
+from evaclip_cli.hub.card import model_card
+from evaclip_cli.hub.stage import stage
 
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
-                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
-                   "bpe_simple_vocab_16e6.txt.gz")
-PICKLE_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.bin", "pytorch_model.bin")
-TAGS = ["clip", "eva-clip", "open_clip", "zero-shot-image-classification", "evaclip"]
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 RETRIES = 5  # attempts per Hub step
 
@@ -46,238 +40,34 @@ def _backoff_s() -> float:
     except ValueError:
         return 1.0
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-@dataclass
-class Staged:
-    """What one push uploads: path in the repo -> local file, plus what the card needs to know."""
-    files: dict  # path_in_repo -> Path
-    source: Path  # the open_clip folder the weights come from (converted or the user's)
-    run_dir: Optional[Path]
-    converted_from: Optional[str]  # source format when converted on the way
 
 
 # ------------------------------------------------------------------------------------------------ the source
-def _weight_files(folder: Path) -> list[str]:
-    """The safetensors weight files of an open_clip folder (one file, or the shards its index names + the index)."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return [WEIGHTS_NAME]
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({type(e).__name__}); re-export the folder with "
-                            "`evaclip convert`") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise UserError(f"{folder}: the index names shard(s) that are not there: {', '.join(missing[:3])}; "
-                            "copy the whole folder or re-export it with `evaclip convert`")
-        return [*shards, INDEX_NAME]
-    return []
 
 
-def _is_open_clip_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_NAME).is_file()
 
 
-def _convert_into(src: Path, dst: Path, *, src_format: str, max_shard_size: str, dtype: Optional[str],
-                  eva_config, model, recipe) -> None:
-    from evaclip_cli.checkpoints.convert import run_convert
-
-    run_convert(src, dst, src_format=src_format, dst_format="open_clip", eva_config=eva_config, model=model,
-                recipe=recipe, dtype=dtype or "auto", max_shard_size=max_shard_size, force=True)
-    if not _is_open_clip_folder(dst):  # a MIM checkpoint becomes a timm vision tower, not a CLIP
-        raise UserError(f"{src}: holds a vision tower only (MIM/timm layout); `evaclip push` uploads CLIP models "
-                        "(convert a CLIP checkpoint, or a run folder of `evaclip train`)")
 
 
-def stage(src: Path, work: Path, *, max_shard_size: Optional[str] = None, dtype: Optional[str] = None,
-          eva_config=None, model=None, recipe=None) -> Staged:
-    """Decide what to upload from SRC; converts (into ``work``) when SRC is not an open_clip folder with
-    safetensors weights, or when resharding / a dtype change is asked for."""
-    from evaclip_cli.eval.report import find_run_dir
-
-    src = Path(src)
-    if not src.exists():
-        raise UserError(f"{src}: no such file or directory")
-    run_dir = find_run_dir(src)
-    folder, convert_from, convert_src = None, None, src
-    if run_dir is not None and src.resolve() in (run_dir.resolve(), (run_dir / "checkpoints").resolve()):
-        if _is_open_clip_folder(run_dir / "final") and src.resolve() == run_dir.resolve():
-            folder = run_dir / "final"
-        else:
-            convert_from, convert_src = "deepspeed", run_dir / "checkpoints"
-            recipe = recipe or str(run_dir / "evaclip_recipe.toml")
-            if not convert_src.is_dir():
-                raise UserError(f"{run_dir}: a run folder with neither final/ nor checkpoints/; train it first")
-    elif _is_open_clip_folder(src):
-        folder = src
-    else:
-        from evaclip_cli.checkpoints.detect import detect_format
-
-        convert_from = detect_format(src, "auto")
-    if folder is not None:
-        weights = _weight_files(folder)
-        if not weights:
-            if any((folder / n).is_file() for n in PICKLE_WEIGHTS):
-                convert_from, convert_src = "open_clip", folder  # pickle weights: upload safetensors instead
-            else:
-                raise UserError(f"{folder}: an open_clip folder without weights ({WEIGHTS_NAME} or {INDEX_NAME})")
-        elif max_shard_size is not None or dtype is not None:
-            convert_from, convert_src = "open_clip", folder  # reshard / cast on the way
-    if convert_from is not None:
-        out = work / "converted"
-        _convert_into(convert_src, out, src_format=convert_from, max_shard_size=max_shard_size or "5GB",
-                      dtype=dtype, eva_config=eva_config, model=model, recipe=recipe)
-        # tokenizer files travel with the weights they belong to
-        if folder is not None:
-            for name in TOKENIZER_FILES:
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, out / name)
-        folder = out
-    files = {CONFIG_NAME: folder / CONFIG_NAME}
-    files.update({name: folder / name for name in _weight_files(folder)})
-    files.update({name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()})
-    return Staged(files, folder, run_dir, convert_from)
 
 
 # ------------------------------------------------------------------------------------------------ model card
-def safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
 
 
-def weight_stats(files: dict) -> dict:
-    """Parameter counts per tower and dtypes, read from the safetensors headers (no tensor is loaded)."""
-    counts = {"visual": 0, "text": 0, "other": 0}
-    dtypes: dict[str, int] = {}
-    for name, path in files.items():
-        if not name.endswith(".safetensors"):
-            continue
-        for key, info in safetensors_header(path).items():
-            if key == "__metadata__":
-                continue
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            tower = "visual" if key.startswith("visual.") else "other" if key in ("logit_scale", "logit_bias") \
-                else "text"
-            counts[tower] += n
-            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + n * _DTYPE_BYTES.get(info["dtype"], 4)
-    return {"params": counts, "total": sum(counts.values()), "dtypes": sorted(dtypes, key=lambda k: -dtypes[k])}
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
-            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.2f} {prefix}{unit}"
-        n /= 1000.0
-    return f"{n} {unit}"
 
 
-def _params(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _architecture_rows(cfg: dict, stats: dict) -> list[list[str]]:
-    from evaclip_cli.models.specs import spec_from_open_clip_cfg
-
-    rows: list[list[str]] = []
-    model_cfg = cfg.get("model_cfg", cfg)
-    try:
-        spec = spec_from_open_clip_cfg(cfg)
-    except Exception:  # a folder evaclip did not write: describe what the config says
-        spec = None
-    if spec is not None:
-        v, t = spec.vision, spec.text
-        feats = [("RMSNorm" if v.norm == "rms" else "LayerNorm"), *(["post-norm"] if v.post_norm else []),
-                 *(["SwiGLU"] if v.swiglu else []), *(["RoPE"] if v.rope else []), *(["sub-LN"] if v.subln else []),
-                 "qkv bias" if v.qkv_bias else "no qkv bias"]
-        rows += [["vision tower", f"EVA ViT: width {v.width}, depth {v.depth}, {v.heads} heads, MLP {v.mlp_dim}, "
-                                  f"patch {v.patch_size}, image {v.image_size}px ({', '.join(feats)})"],
-                 ["text tower", f"width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}, "
-                                f"vocabulary {t.vocab_size}"],
-                 ["embedding dim", str(spec.embed_dim)]]
-    else:
-        rows += [["embedding dim", str(model_cfg.get("embed_dim", "?"))],
-                 ["vision config", f"`{json.dumps(model_cfg.get('vision_cfg', {}), sort_keys=True)[:300]}`"]]
-    p = stats["params"]
-    rows.append(["parameters", f"{_params(stats['total'])} (vision {_params(p['visual'])}, text {_params(p['text'])})"])
-    rows.append(["weights dtype", ", ".join(d.lower() for d in stats["dtypes"]) or "?"])
-    return rows
 
 
-def _table(rows: list[list[str]], header=("", "")) -> str:
-    out = ["| " + " | ".join(header) + " |", "| --- | --- |"]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
-def _yaml_list(items: Iterable[str]) -> str:
-    return "".join(f"- {json.dumps(i)}\n" for i in items)
 
 
-def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: Iterable[str] = (),
-               results: Optional[dict] = None, base_model: Optional[str] = None) -> str:
-    """README.md for the repo: Hub metadata, how to load it (open_clip, evaclip), the architecture, the training
-    summary when the source is an evaclip run, the eval-suite table when results are given, and the files."""
-    from evaclip_cli.eval.report import datasets_for, results_markdown, training_summary
-
-    cfg = json.loads(staged.files[CONFIG_NAME].read_text())
-    stats = weight_stats(staged.files)
-    name = repo_id.split("/", 1)[1]
-    ds = datasets_for(staged.run_dir, datasets)
-    meta = [f"license: {json.dumps(license)}", "library_name: open_clip",
-            "pipeline_tag: zero-shot-image-classification", "tags:", _yaml_list(TAGS).rstrip("\n")]
-    if ds:
-        meta += ["datasets:", _yaml_list(ds).rstrip("\n")]
-    if base_model:
-        meta += [f"base_model: {json.dumps(base_model)}"]
-    size = sum(p.stat().st_size for p in staged.files.values())
-    lines = ["---", *meta, "---", "", f"# {name}", "",
-             f"An EVA-CLIP model ({_params(stats['total'])} parameters) in open_clip's layout "
-             f"(`{CONFIG_NAME}` + safetensors), pushed with [evaclip](https://pypi.org/project/evaclip/) "
-             f"{__version__}.", "",
-             "## Model", "", _table(_architecture_rows(cfg, stats)), "",
-             "## How to use", "", "### open_clip", "",
-             "The vision tower is a timm EVA model described by `timm_model_kwargs` in the config; importing "
-             "`evaclip_cli` first registers it with timm and open_clip (and loads sharded weights).", "",
-             "```python", "import evaclip_cli  # noqa: F401  (pip install evaclip)", "import open_clip",
-             "import torch", "from PIL import Image", "",
-             f'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:{repo_id}")',
-             f'tokenizer = open_clip.get_tokenizer("hf-hub:{repo_id}")', "model.eval()", "",
-             'image = preprocess(Image.open("cat.jpg")).unsqueeze(0)',
-             'text = tokenizer(["a photo of a cat", "a photo of a dog"])',
-             "with torch.no_grad():",
-             "    img = model.encode_image(image)",
-             "    txt = model.encode_text(text)",
-             "    img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)",
-             "    probs = (100.0 * img @ txt.T).softmax(dim=-1)", "print(probs)", "```", "",
-             "### evaclip", "", "```bash", "pip install evaclip",
-             f"hf download {repo_id} --local-dir {name}            # an open_clip folder",
-             f"evaclip eval suite --model {name} --root DATASETS     # the paper's 27-dataset zero-shot suite",
-             f"evaclip eval zeroshot --model {name} --dataset IMAGENET_VAL --name imagenet1k",
-             f"evaclip convert {name} {name}.pt --to eva            # the EVA-CLIP reference layout",
-             "```", ""]
-    if staged.run_dir is not None:
-        from evaclip_cli.eval.report import read_recipe
-
-        summary = training_summary(staged.run_dir)
-        stage_cmd = {"video": "finetune-video"}.get(read_recipe(staged.run_dir).get("stage", "train"),
-                                                    read_recipe(staged.run_dir).get("stage", "train"))
-        if summary:
-            lines += ["## Training", "", f"Trained with `evaclip {stage_cmd}` (DeepSpeed); from the run's "
-                      "`evaclip_recipe.toml` and `metrics.jsonl`:", "", summary.rstrip(), ""]
-    if results:
-        lines += ["## Evaluation", "", results_markdown(results).rstrip(), ""]
-    file_rows = [[f"`{n}`", _human(p.stat().st_size)] for n, p in sorted(staged.files.items())]
-    lines += ["## Files", "", _table(file_rows, ("file", "size")), "",
-              f"{len(staged.files)} files, {_human(size)} in all.", ""]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ Hub errors
