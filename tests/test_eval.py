@@ -54,6 +54,7 @@ def clip_benchmark(bench, task, dataset_root, out):
     return json.loads(Path(out).read_text())["metrics"]
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_zeroshot_parity_with_clip_benchmark(bench, tmp_path):
     ref = clip_benchmark(bench, "zeroshot_classification", bench["wds_cls"], tmp_path / "cb.json")
     evaclip(bench, "eval", "zeroshot", "-m", bench["model"], "-d", bench["wds_cls"], "-o", tmp_path / "ev.json")
@@ -65,6 +66,7 @@ def test_zeroshot_parity_with_clip_benchmark(bench, tmp_path):
         assert abs(out["metrics"][k] - ref[k]) <= TOL, (k, out["metrics"][k], ref[k])
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_retrieval_parity_with_clip_benchmark(bench, tmp_path):
     ref = clip_benchmark(bench, "zeroshot_retrieval", bench["wds_ret"], tmp_path / "cb.json")
     evaclip(bench, "eval", "retrieval", "-m", bench["model"], "-d", bench["wds_ret"], "-o", tmp_path / "ev.json")
@@ -78,6 +80,7 @@ def test_retrieval_parity_with_clip_benchmark(bench, tmp_path):
         assert abs(out["metrics"][k] - v) <= TOL, (k, out["metrics"][k], v)
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_layouts_agree_and_two_ranks_match(bench, tmp_path):
     """ImageFolder = wds/ layout; Karpathy JSON = wds/ retrieval; 2 data-parallel ranks = 1 process."""
     evaclip(bench, "eval", "zeroshot", "-m", bench["model"], "-d", bench["wds_cls"], "-o", tmp_path / "a.json")
@@ -101,6 +104,7 @@ def test_layouts_agree_and_two_ranks_match(bench, tmp_path):
     assert e["samples"] == bench["n"] and e["metrics"] == pytest.approx(a["metrics"], abs=1e-9)
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_model_sources_agree(bench, tmp_path):
     """The run folder (its DeepSpeed checkpoint consolidated on the fly) and an EVA .pt give the open_clip folder's
     numbers."""
@@ -119,6 +123,7 @@ def test_model_sources_agree(bench, tmp_path):
     assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-6) and a == pytest.approx(d, abs=1e-6)
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_suite_results_markdown_and_chart(bench, tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -139,6 +144,7 @@ def test_suite_results_markdown_and_chart(bench, tmp_path):
     assert "not found under" in r.stdout
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_classifier_cache(bench, tmp_path):
     env = {**bench["env"], "EVACLIP_CACHE": str(tmp_path / "cache")}
     outs = []
@@ -151,6 +157,7 @@ def test_classifier_cache(bench, tmp_path):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow  # the module's digits CLIP trains first
 def test_bad_input_one_line(bench, tmp_path, capsys):
     from PIL import Image
 
