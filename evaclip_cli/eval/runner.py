@@ -266,22 +266,16 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     """``evaclip eval zeroshot``: zero-shot classification of an image set; returns the metrics JSON."""
     from evaclip_cli.data.benchmarks import classification_set
     from evaclip_cli.eval.adapters import ImageSet
-    from evaclip_cli.eval.loops import classify, open_batches, require_readable
+    from evaclip_cli.eval.loops import classify, require_readable
     from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
 
     evalset = classification_set(dataset, split=split, class_key=class_key)
     names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
     adapter = ImageSet(evalset, None, 0)
     try:
-        # images are decoded from here on: while torch, the model and the text classifier load
-        if loaded is None:
-            _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode)
-            import_open_clip_lean(model, pretrained)
-        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
-        precision = resolve_precision(precision, device)
-        rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
-        adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
-        source = open_batches(adapter, rt)
+        loaded, rt, source = _open_image_eval(adapter, model, pretrained, eva_config, arch, loaded, batch_size,
+                                              workers, precision, fast_decode)
+        rank, device, precision = rt.rank, rt.device, resolve_precision(precision, rt.device)
         # a Hub source: its cache snapshot (the path names the commit), so a new revision never reuses a classifier
         model_id = fingerprint(loaded.extra.get("resolved", model), f"{pretrained}|{eva_config}|{arch}|{precision}")
         W, _ = classifier(loaded, names, tpls, device, batch_size, rt.autocast, model_id if cache else None)
@@ -300,25 +294,36 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     return out
 
 
+def _open_image_eval(adapter, model, pretrained, eva_config, arch, loaded, batch_size, workers, precision,
+                     fast_decode):
+    """Everything before an image set's loop: decoding starts (when the model is not loaded yet, so it overlaps
+    torch, the model and the text classifier), the model and the process group, the runtime, the batches.
+    Returns (loaded, runtime, batches)."""
+    from evaclip_cli.eval.loops import open_batches
+
+    if loaded is None:
+        _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode)
+        import_open_clip_lean(model, pretrained)
+    loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
+    rt = _runtime(loaded, device, rank, world, batch_size, workers, resolve_precision(precision, device))
+    adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
+    return loaded, rt, open_batches(adapter, rt)
+
+
 def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretrained=None, eva_config=None, arch=None,
                   split="test", batch_size=256, workers=None, precision="auto", fast_decode=False, output=None,
                   quiet=False, loaded=None) -> dict:
     """``evaclip eval retrieval``: image-text retrieval (R@1/5/10 both ways); returns the metrics JSON."""
     from evaclip_cli.data.benchmarks import retrieval_set
     from evaclip_cli.eval.adapters import ImageSet
-    from evaclip_cli.eval.loops import open_batches, retrieve
+    from evaclip_cli.eval.loops import retrieve
 
     evalset = retrieval_set(dataset, images=images, split=split)
     adapter = ImageSet(evalset, None, 0)
     try:
-        if loaded is None:
-            _start_decoding(adapter, model, pretrained, batch_size, workers, fast_decode)
-            import_open_clip_lean(model, pretrained)
-        loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch, loaded)
-        precision = resolve_precision(precision, device)
-        rt = _runtime(loaded, device, rank, world, batch_size, workers, precision)
-        adapter.set_transform(loaded.transform(), loaded.image_size, loaded.image_size if fast_decode else None)
-        source = open_batches(adapter, rt)
+        loaded, rt, source = _open_image_eval(adapter, model, pretrained, eva_config, arch, loaded, batch_size,
+                                              workers, precision, fast_decode)
+        rank = rt.rank
         with Progress(len(adapter), f"{name or evalset.name}", not quiet and rank == 0) as prog:
             r = retrieve(adapter, rt, batch_size, prog, source)
     finally:
