@@ -124,7 +124,8 @@ def _write_hf(spec, folder: Path, shard_bytes: int) -> None:
     import torch
 
     from evaclip_cli.checkpoints.io import save_safetensors_sharded
-    from evaclip_cli.models.keymaps import LazyCat, open_clip_to_hf
+    from evaclip_cli.models.keymaps import open_clip_to_hf
+    from evaclip_cli.models.lazy import LazyCat
     from evaclip_cli.models.specs import hf_config_from_spec
 
     class Zeros(LazyCat):  # a tensor made when the writer asks for it

@@ -209,7 +209,7 @@ def test_eval_and_init_read_the_layout(tmp_path):
     from evaclip_cli.checkpoints.init import load_into, read_any
     from evaclip_cli.checkpoints.load import load_clip
     from evaclip_cli.models.clip import build_clip
-    from evaclip_cli.models.keymaps import LazyCat
+    from evaclip_cli.models.lazy import LazyCat
 
     folder = HF_REF / "8b" / "model"
     loaded = load_clip(str(folder))
@@ -233,7 +233,7 @@ def test_streaming_writer_and_mapped_reader(tmp_path):
         save_safetensors_sharded,
         write_safetensors,
     )
-    from evaclip_cli.models.keymaps import LazyCat
+    from evaclip_cli.models.lazy import LazyCat
 
     st = {"w": torch.randn(5, 3).half(), "cat": LazyCat([torch.randn(2, 4), torch.randn(3, 4)]),
           "scalar": torch.tensor(1.5), "ids": torch.arange(7), "empty": torch.zeros(0, 2), "flag": torch.tensor([True])}

@@ -17,10 +17,10 @@ def read_any(path: str | Path, separate_qkv: bool = False, lazy: bool = False) -
     """Any supported source -> a state dict in evaclip's open_clip layout (``visual.trunk.*``, ``text.*``).
 
     A Hub source (``hf-hub:...``, a released name) is fetched into huggingface_hub's cache first. BAAI's HF layout
-    gets its q/k/v fused; with ``lazy`` those stay ``models.keymaps.LazyCat`` (computed when copied into the model,
+    gets its q/k/v fused; with ``lazy`` those stay ``models.lazy.LazyCat`` (computed when copied into the model,
     one at a time: what ``load_into`` does), else every value is a tensor."""
     from evaclip_cli.checkpoints.hub_source import resolve_path
-    from evaclip_cli.models.keymaps import materialize_state
+    from evaclip_cli.models.lazy import materialize_state
 
     state = _read_any(resolve_path(str(path))[0], separate_qkv)
     return state if lazy else materialize_state(state)

@@ -162,14 +162,14 @@ def _element_size(t, dtype) -> int:
 
 def write_safetensors(path: Path, tensors: dict, dtype=None, metadata: Optional[dict] = None) -> None:
     """One safetensors file written tensor by tensor: the header is computed from shapes and dtypes, then each tensor
-    (a tensor, a memory-mapped one, or a lazy one such as ``models.keymaps.LazyCat``) is cast and written on its own,
+    (a tensor, a memory-mapped one, or a lazy one such as ``models.lazy.LazyCat``) is cast and written on its own,
     so at most one converted tensor is in memory. Tensors are laid out by element size, largest first (as the
     safetensors library does), so every tensor is aligned for memory-mapped reading."""
     import struct
 
     import torch
 
-    from evaclip_cli.models.keymaps import materialize
+    from evaclip_cli.models.lazy import materialize
 
     order = sorted(tensors, key=lambda k: (-_element_size(tensors[k], dtype), k))
     header: dict = {}

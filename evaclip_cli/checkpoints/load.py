@@ -67,7 +67,7 @@ def _from_state(state: dict, spec, device: str, name: str, source: str) -> Loade
 
     from evaclip_cli.checkpoints.convert import expected_state, fit_to_expected
     from evaclip_cli.models.clip import build_clip
-    from evaclip_cli.models.keymaps import materialize_state
+    from evaclip_cli.models.lazy import materialize_state
 
     state = materialize_state(fit_to_expected(state, expected_state(spec), name, vision_only=False))
     model = build_clip(spec)

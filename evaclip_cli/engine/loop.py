@@ -17,6 +17,7 @@ from evaclip_cli import atomic
 from evaclip_cli.engine import dist, schedule, tracking
 from evaclip_cli.engine import resume as ckpt
 from evaclip_cli.engine.config import deepspeed_config
+from evaclip_cli.engine.memory import MemoryLog, summary_line
 from evaclip_cli.engine.params import build_param_groups
 from evaclip_cli.engine.stage import Context, Stage
 from evaclip_cli.errors import PeerLost, TrainingStopped, UserError, first_line
@@ -150,7 +151,10 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     source = universal.prepare(resume_from, info.world_size, info.is_main, ctx.print) if resume_from else None
     if source is not None and source.universal:
         ds_cfg = universal.loading_config(ds_cfg)
+    mem = MemoryLog(info.device)  # per-phase memory of this rank -> memory.json (engine/memory.py)
+    mem.mark("start")
     model = stage.build_model(ctx)
+    mem.mark("model")
     groups = build_param_groups(model.named_parameters(), stage.towers(ctx), stage.layer_id)
     # parameter names per optimizer group: a ZeRO-0 bf16/fp16 checkpoint keeps its fp32 masters only as unnamed
     # per-group lists, and the export needs them (convert.load_deepspeed_state)
@@ -161,6 +165,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     optimizer = build_optimizer(groups, recipe.optimizer)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     attach(optimizer, engine)
+    mem.mark("engine")
     if info.world_size == 1 and recipe.deepspeed.zero_stage == 0:
         engine.enable_backward_allreduce = False  # nothing to average over: skip DeepSpeed's bucketed all-reduce
     ctx.engine, ctx.model = engine, engine.module
@@ -213,7 +218,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
             "param_group_names": group_names,
         }
         try:
-            return ckpt.save(engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
+            return ckpt.save(ctx.engine, ckpt_dir, step, client, recipe.logging.keep_last, info.is_main)
         except OSError as e:
             done = ckpt.list_complete(ckpt_dir)
             kept = f"; the last complete checkpoint ({done[-1][1]}) is intact" if done else ""
@@ -253,6 +258,8 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
                     consecutive_bad = 0
                     engine.backward(loss)
                     engine.step()
+                    if done + 1 == ctx.accum:  # the optimizer stepped: its moments exist now
+                        mem.mark("step1")
                     step_losses.append(value)
                     for k, v in m.items():
                         extra[k] = extra.get(k, 0.0) + v / ctx.accum
@@ -281,8 +288,14 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
                 if ckpt_every and step % ckpt_every == 0 and step != total_steps:
                     save(step)
         save(step)
+        _write_memory(ctx, mem)
         if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
             _evaluate(ctx, stage, step, track, last_metrics)
+        # the exports read the checkpoint just written: free the model, gradients, optimizer states and data workers
+        # first (at 18B the training state is most of a node's memory; an export beside it was OOM-killed)
+        ctx.engine = ctx.model = None
+        del engine, optimizer, model, groups, loader, data_iter
+        _free_memory()
         stage.finish(ctx)
     except Exception as e:
         if not dist.is_peer_failure(e):
@@ -301,6 +314,25 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     last_metrics["step"] = step
     last_metrics["nonfinite_skipped"] = counters["nonfinite"]
     return last_metrics
+
+
+def _write_memory(ctx: Context, mem: MemoryLog) -> None:
+    records = dist.all_gather_object(mem.record(ctx.info.rank))
+    if ctx.info.is_main:
+        atomic.write_json(ctx.out_dir / "memory.json", {"ranks": records})
+        ctx.print(summary_line(records[0]), highlight=False, soft_wrap=True)
+
+
+def _free_memory() -> None:
+    """Collect what was just dropped (DeepSpeed's hooks make reference cycles) and hand freed heap pages back."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _evaluate(ctx: Context, stage: Stage, step: int, track: tracking.Tracking, last_metrics):

@@ -77,7 +77,9 @@ class Stage(Protocol):
         """Periodic evaluation, {metric: float} ({} when there is nothing to evaluate)."""
 
     def finish(self, ctx: Context) -> None:
-        """Exports after the final checkpoint."""
+        """Exports after the final checkpoint. The loop has dropped the engine, optimizer and loader by then (their
+        memory is freed for the export); the stage drops what it still holds of the model, and reads the weights
+        from the checkpoint (``checkpoints.deepspeed``, streamed), never from ``ctx.engine``."""
 
 
 class LoaderStage:

@@ -21,6 +21,7 @@ import re
 from typing import Iterable
 
 from evaclip_cli.errors import UserError
+from evaclip_cli.models.lazy import LazyCat, LazyChunk, LazyTensor
 
 # vision-tower renames between the reference (left) and timm's Eva (right), per block
 _BLOCK_RENAMES = [
@@ -149,72 +150,7 @@ def check_against_model(state: dict, expected: dict, where: str, ignore: Iterabl
                             f"{tuple(t.shape)}; check --eva-config/--model")
 
 
-
-
 # ------------------------------------------------------------------------------- BAAI's HF remote-code layout
-class LazyCat:
-    """``torch.cat(parts, dim)``, computed only when a writer or a model asks for it.
-
-    Fusing BAAI's separate q/k/v projections into timm's ``qkv`` would otherwise copy every attention weight of the
-    checkpoint at once (18B: 48 x 315 MB); the writers materialise one tensor at a time instead. Quacks like the
-    tensor methods the conversion path uses (``shape``, ``dtype``, ``numel``, ``reshape``, ``to``, ``contiguous``)."""
-
-    def __init__(self, parts: list, dim: int = 0):
-        import torch
-
-        self.parts, self.dim = list(parts), dim
-        shape = list(parts[0].shape)
-        shape[dim] = sum(int(p.shape[dim]) for p in parts)
-        self.shape = torch.Size(shape)
-        self.dtype = parts[0].dtype
-
-    def numel(self) -> int:
-        return int(self.shape.numel())
-
-    def element_size(self) -> int:
-        return self.parts[0].element_size()
-
-    def is_floating_point(self) -> bool:
-        return self.parts[0].is_floating_point()
-
-    def size(self, dim=None):
-        return self.shape if dim is None else self.shape[dim]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def materialize(self):
-        import torch
-
-        return torch.cat([p.to(self.dtype) for p in self.parts], self.dim)
-
-    def reshape(self, *shape):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-        return self if shape == tuple(self.shape) else self.materialize().reshape(shape)
-
-    def to(self, *args, **kwargs):
-        return self.materialize().to(*args, **kwargs)
-
-    def contiguous(self):
-        return self.materialize()
-
-    def float(self):
-        return self.materialize().float()
-
-    def detach(self):
-        return self.materialize()
-
-
-def materialize(t):
-    """A real tensor for ``t`` (a tensor or a :class:`LazyCat`)."""
-    return t.materialize() if isinstance(t, LazyCat) else t
-
-
-def materialize_state(state: dict) -> dict:
-    return {k: materialize(v) for k, v in state.items()}
-
-
 _HF_V = "vision_model."
 _HF_T = "text_model."
 _HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
@@ -341,10 +277,10 @@ def hf_to_open_clip(state: dict, separate_qkv: bool = False) -> tuple[dict, list
 
 def _split3(v) -> list:
     """q, k, v of a fused weight or bias: views of it, or the parts of a :class:`LazyCat` (nothing copied)."""
-    if isinstance(v, LazyCat):
-        if v.dim == 0 and len(v.parts) == 3:
-            return list(v.parts)
-        v = v.materialize()
+    if isinstance(v, LazyCat) and v.dim == 0 and len(v.parts) == 3:
+        return list(v.parts)
+    if isinstance(v, LazyTensor):  # e.g. gathered from ZeRO partitions: each part copied out when written
+        return [LazyChunk(v, 3, i) for i in range(3)]
     return list(v.chunk(3, 0))
 
 

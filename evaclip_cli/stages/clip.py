@@ -172,9 +172,15 @@ class ClipStage(LoaderStage):
                 model.text.attn_mask = self._full_attn_mask[:n, :n].clone()
 
     def finish(self, ctx):
-        """Export the final weights as an open_clip folder (consolidated from the last checkpoint)."""
+        """Export the final weights as an open_clip folder, streamed from the last checkpoint (the loop has dropped
+        the engine; the token reducer's hooks are the last reference to the model)."""
+        import gc
+
         from evaclip_cli.checkpoints.convert import run_convert
         from evaclip_cli.engine import dist
+
+        self.reducer = None
+        gc.collect()
 
         if ctx.info.is_main:
             run_convert(ctx.out_dir / "checkpoints", ctx.out_dir / "final", src_format="deepspeed",
