@@ -12,14 +12,18 @@ and prints both, the checkpoint size, and the ratios.
 --real-18b: synthetic checkpoints with EVA-CLIP-18B's real tensor shapes (vision width 5120, MLP 25600, 40 heads,
 RMSNorm, post-norm; the real 1280-wide 32-layer text tower; embed 1536) and as many of the 48 vision blocks as make
 each checkpoint at least --min-gb (8) on disk and fit the free disk, in
-  (pt) the reference layout as BAAI ships it: one fp16 .pt (EVA_CLIP_18B_psz14_s6B.fp16.pt is 36.7 GB)
-  (hf) BAAI's transformers remote-code layout: config.json + fp32 model-0000N-of-0000M.safetensors + index
+  (pt)    the reference layout as BAAI ships it: one fp16 .pt (EVA_CLIP_18B_psz14_s6B.fp16.pt is 36.7 GB)
+  (hf)    BAAI's transformers remote-code layout: config.json + fp32 model-0000N-of-0000M.safetensors + index
+  (zero3) what `evaclip train --recipe 18b` writes: a DeepSpeed ZeRO-3 checkpoint of --ranks (2) ranks, each rank's
+          fp32 partition + LAMB's two moments (12 bytes per parameter), converted with --from deepspeed; --smoke
+          checks that DeepSpeed's own zero_to_fp32 reads the synthetic files as evaclip does
 then `evaclip convert` each to an open_clip folder (default 5GB shards, the source's dtype) in a fresh subprocess,
 and reports peak anonymous memory against the checkpoint size and the largest output shard. Goal: peak < largest
 output shard + 1 GB, whatever the checkpoint size. Tensors are zeros (values do not change what is mapped or
 copied); each case's files are deleted after it unless --keep. Needs about 2.2x one checkpoint free on --dir's disk.
 
-    python bench/convert_memory.py --real-18b [--dir /tmp] [--min-gb 8] [--blocks N|max] [--only pt|hf] [--keep DIR]
+    python bench/convert_memory.py --real-18b [--dir /tmp] [--min-gb 8] [--blocks N|max] [--only pt|hf|zero3]
+                                   [--ranks 2] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -150,6 +154,74 @@ def _write_hf(spec, folder: Path, shard_bytes: int) -> None:
     (folder / "config.json").write_text(json.dumps(hf_config_from_spec(spec), indent=2))
 
 
+def _write_zero3(recipe_toml: str, spec, root: Path, ranks: int) -> None:
+    """A DeepSpeed ZeRO-3 checkpoint of ``spec`` as ``ranks`` processes write it (DeepSpeed's file layout and keys:
+    deepspeed/runtime/zero/stage3.py; checked against DeepSpeed's own reader by ``--smoke``): per rank, the model
+    states (parameter shapes, buffers, client state) and the optimizer states (this rank's fp32 partition of every
+    parameter, flat, + LAMB's two moments of the same size), beside the run's ``evaclip_recipe.toml``. Zeros
+    (calloc'd: never touched, so writing ~12 bytes x parameters takes no memory)."""
+    import math
+    from collections import OrderedDict
+
+    import torch
+
+    from evaclip_cli.models.clip import build_clip
+
+    model_state = build_clip(spec, device="meta").state_dict(keep_vars=True)
+    shapes = OrderedDict((k, v.shape) for k, v in model_state.items() if isinstance(v, torch.nn.Parameter))
+    buffers = [k for k, v in model_state.items() if not isinstance(v, torch.nn.Parameter)]
+    part = sum(math.ceil(s.numel() / ranks) for s in shapes.values())
+    tag = root / "global_step1"
+    tag.mkdir(parents=True, exist_ok=True)
+    (root.parent / "evaclip_recipe.toml").write_text(recipe_toml)
+    for r in range(ranks):
+        module = {k: torch.empty(0) for k in shapes}
+        for k in buffers:  # the text tower's causal mask: the only buffer, small
+            module[k] = torch.zeros(model_state[k].shape, dtype=model_state[k].dtype)
+        torch.save({"module": module, "buffer_names": buffers, "param_shapes": [shapes], "shared_params": {},
+                    "frozen_param_shapes": None, "frozen_param_fragments": None, "ds_version": "0.19.8",
+                    "ds_config": {}, "step": 1, "world_size": ranks},
+                   tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        moments = {"exp_avg": torch.zeros(part), "exp_avg_sq": torch.zeros(part), "step": torch.tensor(1.0)}
+        torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": ranks, "loss_scaler": None,
+                                             "fp32_flat_groups": [torch.zeros(part)],
+                                             "optimizer_state_dict": {"state": {0: moments},
+                                                                      "param_groups": [{"params": [0]}]}},
+                    "ds_config": {}, "ds_version": "0.19.8"},
+                   tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        del moments
+    (root / "latest").write_text("global_step1")
+
+
+_SMOKE_OVERRIDES = ["model.vision.width=256", "model.vision.mlp_dim=1280", "model.vision.heads=2",
+                    "model.text.width=64", "model.text.heads=2", "model.text.layers=2"]
+
+
+def _check_zero3_against_deepspeed(root: Path) -> None:
+    """--smoke: DeepSpeed's own reader (zero_to_fp32) and evaclip's streamed one agree on the synthetic checkpoint,
+    so the synthetic layout is DeepSpeed's."""
+    import contextlib
+    import io
+    import os
+
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
+    from evaclip_cli.models.lazy import materialize
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(root))
+    ours = load_deepspeed_state(root)
+    assert set(theirs) == set(ours), set(theirs) ^ set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(materialize(ours[k]), v), k
+    print(f"smoke: the synthetic ZeRO-3 checkpoint reads the same through DeepSpeed's zero_to_fp32 ({len(ours)} "
+          "tensors)")
+
+
 def _largest_file(folder: Path) -> int:
     return max(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
 
@@ -166,16 +238,16 @@ def real_18b(args) -> None:
         mk = lambda n: _real_spec(n, width=256, mlp=1280, heads=2, text=(64, 2, 2))  # noqa: E731
     else:
         mk = _real_spec
-    per_block = {"pt": _nbytes(_shapes(mk(2)), 2) - _nbytes(_shapes(mk(1)), 2),
-                 "hf": _nbytes(_shapes(mk(2)), 4) - _nbytes(_shapes(mk(1)), 4)}
-    base = {"pt": _nbytes(_shapes(mk(1)), 2) - per_block["pt"], "hf": _nbytes(_shapes(mk(1)), 4) - per_block["hf"]}
+    elem = {"pt": 2, "hf": 4, "zero3": 12}  # zero3: fp32 partition + two LAMB moments per parameter
+    per_block = {c: _nbytes(_shapes(mk(2)), e) - _nbytes(_shapes(mk(1)), e) for c, e in elem.items()}
+    base = {c: _nbytes(_shapes(mk(1)), e) - per_block[c] for c, e in elem.items()}
     min_bytes = 0 if args.smoke else args.min_gb * 1e9
     free = shutil.disk_usage(work).free
     print(f"disk: {free / 1e9:.1f} GB free in {work}")
     base_anon, _, _ = peak_memory_of([sys.executable, "-c", "import torch, open_clip, timm, evaclip_cli"])
     print(f"imports alone (torch, open_clip, timm): {base_anon:.2f} GB anonymous")
     rows = []
-    for case in (["pt", "hf"] if args.only is None else [args.only]):
+    for case in (["pt", "hf", "zero3"] if args.only is None else [args.only]):
         if args.blocks == "max":  # as many as the disk holds twice over (source + output), 10 GB kept free
             blocks = int(((free - 10e9) / 2.2 - base[case]) // per_block[case])
         else:
@@ -186,7 +258,8 @@ def real_18b(args) -> None:
             raise SystemExit(f"{case}: {blocks} blocks make a {size / 1e9:.1f} GB checkpoint; source + output need "
                              f"~{2.2 * size / 1e9:.1f} GB, {free / 1e9:.1f} GB free in {work} (use --dir elsewhere)")
         spec = mk(blocks)
-        src = work / ("EVA_CLIP_18B_synthetic.fp16.pt" if case == "pt" else "EVA-CLIP-18B-synthetic-hf")
+        src = work / {"pt": "EVA_CLIP_18B_synthetic.fp16.pt", "hf": "EVA-CLIP-18B-synthetic-hf",
+                      "zero3": "run/checkpoints"}[case]
         out = work / f"out-{case}"
         t = time.perf_counter()
         if case == "pt":
@@ -196,11 +269,22 @@ def real_18b(args) -> None:
                 _write_pt(spec, src)
             cmd_extra = ["--eva-config", str(cfg), "--dtype", args.dtype or "fp16"]
             on_disk = src.stat().st_size
-        else:
+        elif case == "hf":
             if not src.exists():
                 _write_hf(spec, src, 10 * 10**9 if not args.smoke else 2 * 10**6)
             cmd_extra = ["--dtype", args.dtype or "fp32"]
             on_disk = sum(p.stat().st_size for p in src.iterdir())
+        else:
+            from evaclip_cli.recipes import load_recipe, recipe_to_toml
+
+            recipe = load_recipe("18b", [f"model.vision.depth={blocks}", *(_SMOKE_OVERRIDES if args.smoke else [])])
+            assert recipe.recipe.spec() == spec, "the 18b recipe's widths are the paper's"
+            if not src.exists():
+                _write_zero3(recipe_to_toml(recipe.recipe), spec, src, args.ranks)
+            if args.smoke:
+                _check_zero3_against_deepspeed(src)
+            cmd_extra = ["--from", "deepspeed", "--dtype", args.dtype or "fp32"]
+            on_disk = sum(p.stat().st_size for p in src.rglob("*.pt"))
         made = time.perf_counter() - t
         cmd = [sys.executable, "-m", "evaclip_cli.cli", "convert", str(src), str(out), "--force",
                "--max-shard-size", args.max_shard_size, *cmd_extra]
@@ -215,10 +299,13 @@ def real_18b(args) -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(src, ignore_errors=True) if src.is_dir() else src.unlink(missing_ok=True)
+            if case == "zero3":
+                shutil.rmtree(src.parent, ignore_errors=True)
     print("| layout | vision blocks | checkpoint | peak anonymous | x checkpoint | largest output shard | goal |")
     print("|---|---|---|---|---|---|---|")
     for case, blocks, on_disk, shard, anon, _, _ in rows:
-        print(f"| {'.pt fp16' if case == 'pt' else 'HF fp32 shards'} | {blocks}/48 | {on_disk / 1e9:.2f} GB | "
+        label = {"pt": ".pt fp16", "hf": "HF fp32 shards", "zero3": f"ZeRO-3, {args.ranks} ranks"}[case]
+        print(f"| {label} | {blocks}/48 | {on_disk / 1e9:.2f} GB | "
               f"{anon:.2f} GB | {anon * 1e9 / on_disk:.2f} | {shard / 1e9:.2f} GB | "
               f"{'met' if anon * 1e9 < shard + 1e9 else 'NOT met'} |")
 
@@ -233,7 +320,8 @@ def main():
     ap.add_argument("--min-gb", type=float, default=8.0, help="--real-18b: smallest checkpoint on disk")
     ap.add_argument("--blocks", default=None,
                     help="--real-18b: vision blocks, or 'max' (as many as the disk holds; default: from --min-gb)")
-    ap.add_argument("--only", choices=("pt", "hf"), default=None)
+    ap.add_argument("--only", choices=("pt", "hf", "zero3"), default=None)
+    ap.add_argument("--ranks", type=int, default=2, help="--real-18b zero3: data-parallel ranks of the checkpoint")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                     help="--real-18b: dtype written (default: the source's, fp16 for .pt, fp32 for HF)")
     ap.add_argument("--max-shard-size", default="5GB", help="--real-18b: output shards (evaclip's default 5GB)")

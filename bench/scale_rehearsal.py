@@ -64,6 +64,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _rank(pid: int):
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -89,7 +96,7 @@ class Sampler:
             for pid in _children(self.proc.pid):
                 if pid not in ranks:
                     r = _rank(pid)
-                    if r is not None:
+                    if r is not None and _rank(_parent(pid)) is None:  # a rank, not one of its data workers
                         ranks[pid] = r
             for pid, r in ranks.items():
                 anon = _status(pid).get("RssAnon", 0)
@@ -218,7 +225,7 @@ def main() -> None:
             print(f"   {r['rank']:>4}  {states:6.2f}  {peak:13.2f}  {peak - base - states:11.2f}      "
                   f"{st['model_states_bytes'] / GB:6.2f} ({st['weights_bytes'] / GB:.2f} + {st['grads_bytes'] / GB:.2f}"
                   f" + {st['optimizer_bytes'] / GB:.2f} + {st['buffers_bytes'] / GB:.2f})  {act / GB:10.2f}")
-            print(f"         phases: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in pts.items()))
+            print("         phases: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in pts.items()))
         s0 = (mem[0]["points_bytes"]["step1"] - mem[0]["points_bytes"]["start"])
         ratio = s0 / st["model_states_bytes"]
         print(f"   measured / estimated model + optimizer states (rank 0): {ratio:.3f}  (goal: within 10%)")

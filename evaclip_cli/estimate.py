@@ -528,11 +528,11 @@ def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: 
     return r
 
 
-def per_rank_states(recipe) -> str:
-    """One line for ``--dry-run``: the recipe's model built on the meta device (no allocation) and, for its own
-    world size (``compute.gpus``) and ZeRO stage, the bytes of parameters, gradients and optimizer states each rank
-    holds."""
-    r = estimate(recipe)
+def per_rank_states(recipe, gpus: Optional[int] = None) -> str:
+    """One line for ``--dry-run``: the recipe's model built on the meta device (no allocation) and, for ``gpus``
+    processes (default: the recipe's own world size, ``compute.gpus``) and its ZeRO stage, the bytes of parameters,
+    gradients and optimizer states each rank holds."""
+    r = estimate(recipe, gpus=gpus)
     stage = recipe.deepspeed.zero_stage
     st = next(x for x in r["memory"]["stages"] if x["zero_stage"] == stage)
     ranks = r["cluster"]["gpus"]

@@ -212,3 +212,9 @@ def test_dry_run_builds_the_full_model_on_meta_and_prints_per_rank_states(capsys
     line = " ".join(out.split())  # the line may wrap
     assert "model built on the meta device: 18,325,482,241 parameters; per rank on 360 ranks (ZeRO-3, bf16)" in line
     assert "optimizer states 0.57 GiB" in line
+    # the processes asked for on the command line, not the recipe's 360
+    code, out, err = run_cli(["train", "--recipe", "18b", "--dry-run", "--nproc", "8", "--nodes", "2",
+                              "--master-addr", "10.0.0.1", "data.global_batch=1600", "data.micro_batch=100"], capsys)
+    assert code == 0, err
+    line = " ".join(out.split())
+    assert "per rank on 16 ranks (ZeRO-3, bf16)" in line, line

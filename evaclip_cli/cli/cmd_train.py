@@ -54,7 +54,8 @@ def _plan_or_launch(ctx: typer.Context, stage: str, recipe: str, overrides: list
 
             from evaclip_cli.estimate import per_rank_states
 
-            Console().print(per_rank_states(r), soft_wrap=True)
+            # the processes asked for (--nproc/--nodes/--hostfile), else the recipe's compute.gpus
+            Console().print(per_rank_states(r, plan.world if plan.world > 1 else None), soft_wrap=True)
         raise typer.Exit(code)
     return r, plan.out_dir
 

@@ -96,6 +96,7 @@ class DryRun:
     recipe_toml: str = ""
     command: tuple[str, ...] = ()
     summary: str = ""
+    world: int = 1  # the processes the target would start
 
 
 Plan = Union[RunHere, Torchrun, DeepSpeedLauncher, Sbatch, DryRun]
@@ -252,7 +253,7 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     if opts.launcher == "slurm":
         sbatch = Sbatch(out_dir / "launch.sbatch", slurm_script(recipe.name, opts.nodes, opts.nproc, out_dir, argv,
                                                                 python=python))
-        return DryRun(sbatch) if opts.dry_run else sbatch
+        return DryRun(sbatch, world=world) if opts.dry_run else sbatch
     if not opts.dry_run and under_launcher:
         return RunHere(out_dir)
     target: Union[RunHere, Torchrun, DeepSpeedLauncher]
@@ -274,7 +275,8 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     return DryRun(target, title=f"evaclip {STAGE_COMMANDS[stage]} --recipe {recipe_ref} (dry run)",
                   recipe_toml=recipe_to_toml(recipe), command=tuple(command),
                   summary=f"{world} process(es) × micro batch {recipe.data.micro_batch} × accumulation {accum} = "
-                          f"global batch {recipe.data.global_batch}; {recipe.steps:,} steps; output {out_dir}")
+                          f"global batch {recipe.data.global_batch}; {recipe.steps:,} steps; output {out_dir}",
+                  world=world)
 
 
 def plan_eval(nproc: int, argv: Sequence[str], *, environ: Mapping[str, str], free_port: Callable[[], int],

@@ -151,6 +151,16 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
     source = universal.prepare(resume_from, info.world_size, info.is_main, ctx.print) if resume_from else None
     if source is not None and source.universal:
         ds_cfg = universal.loading_config(ds_cfg)
+    # the data workers start before the model exists: forked later, each would keep a copy-on-write image of every
+    # page of parameters and optimizer states the training then rewrites (a CPU run of 18B widths was OOM-killed by
+    # two workers holding 3.5 GB each). Their start position comes from the checkpoint's client state, read first.
+    data_state = None
+    if resume_from is not None:
+        data_state, _ = universal.rank_states(ckpt.read_client_state(resume_from[0] / resume_from[1]), info.rank)
+    ctx.data_state = data_state
+    loader = stage.build_loader(ctx, data_state)
+    with torch.random.fork_rng(devices=[]):  # the workers' base seed is drawn here: model init stays as it was
+        data_iter = iter(loader)
     mem = MemoryLog(info.device)  # per-phase memory of this rank -> memory.json (engine/memory.py)
     mem.mark("start")
     model = stage.build_model(ctx)
@@ -170,7 +180,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
         engine.enable_backward_allreduce = False  # nothing to average over: skip DeepSpeed's bucketed all-reduce
     ctx.engine, ctx.model = engine, engine.module
 
-    start_step, counters, data_state = 0, {"nonfinite": 0}, None
+    start_step, counters = 0, {"nonfinite": 0}
     if source is not None:
         root, tag = source.root, source.tag
         load_path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
@@ -182,7 +192,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
         start_step = int(client["step"])
         counters = dict(client.get("counters", counters))
         # another world size: rank r continues old rank r's data streams and RNG, new ranks start fresh streams
-        data_state, rng = universal.rank_states(client, info.rank)
+        _, rng = universal.rank_states(client, info.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
         else:
@@ -193,9 +203,6 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
         ctx.print(f"resumed from {root / tag} at step {start_step}{changed}", soft_wrap=True)
     if info.is_main:
         write_recipe(recipe, out_dir)
-    ctx.data_state = data_state
-    loader = stage.build_loader(ctx, data_state)
-    data_iter = iter(loader)
 
     track.begin(start_step)
     log_every, ckpt_every = max(1, recipe.logging.log_every), recipe.logging.checkpoint_every

@@ -163,6 +163,26 @@ def find_resume(spec: Optional[str], ckpt_dir: Path, log=None) -> Optional[tuple
     raise UserError(f"--resume {spec}: no complete checkpoint (global_step*/) there")
 
 
+def read_client_state(tag_dir: Path) -> dict:
+    """The client state evaclip saved with a checkpoint (step, data positions, RNG states...), read before any model
+    is built: DeepSpeed keeps it beside rank 0's model states (memory-mapped here: the file also holds the weights
+    of a ZeRO 0-2 run)."""
+    import torch
+
+    tag_dir = Path(tag_dir)
+    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    rank0 = [f for f in files if f.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    if not rank0:
+        raise UserError(f"{tag_dir}: no rank-0 model states file (mp_rank_00_model_states.pt); is the checkpoint "
+                        "complete?")
+    try:
+        sd = torch.load(str(rank0[0]), map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise UserError(f"{rank0[0]}: cannot read ({type(e).__name__}); is the checkpoint complete?") from None
+    return {k: v for k, v in sd.items() if k in ("step", "world_size", "counters", "data_states", "rng_states",
+                                                  "recipe")}
+
+
 def rng_state() -> dict:
     import random
 
