@@ -69,6 +69,20 @@ def test_batches(demo):
     assert -3 < b["image"].mean() < 3 and b["image"].std() > 0.3  # CLIP-normalised
 
 
+def test_workers_start_when_iteration_starts(demo):
+    """iter(loader) forks the workers at once (the training loop does it before building the model, so no worker
+    keeps a copy-on-write image of parameters the optimizer rewrites); nothing is started before."""
+    import multiprocessing
+
+    loader = _loader(demo, workers=2)
+    before = set(multiprocessing.active_children())
+    it = iter(loader)
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2, started
+    assert next(it)["image"].shape[0] == 16
+    del it
+
+
 def _take(loader, n):
     out, it = [], iter(loader)
     for _ in range(n):

@@ -369,7 +369,13 @@ class TrainLoader:
             prefetch_factor=4 if workers > 0 else None, pin_memory=False)
 
     def __iter__(self):
-        for batch in self.loader:
+        # iter(DataLoader) starts the worker processes now, not at the first batch: the training loop starts them
+        # before it builds the model, so that no worker is forked from a process holding it
+        return self._checked(iter(self.loader))
+
+    @staticmethod
+    def _checked(batches):
+        for batch in batches:
             if "__error__" in batch:  # a worker found the data unusable (DataError): one line, exit 2
                 raise UserError(batch["__error__"])
             yield batch
