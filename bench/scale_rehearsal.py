@@ -2,7 +2,9 @@
 
 Every width, head count, MLP size, norm and post-norm flag is the paper's; only the number of vision blocks and
 text layers is cut (``--depth``, ``--text-layers``: 1 and 1 make 0.46B parameters at 18B widths, what fits two
-ranks in 24 GB in fp32). ZeRO-3 on 2 ranks, LAMB, micro batch 2, the demo data, in one precision (``--precision``):
+ranks in 24 GB in fp32). ZeRO-3 on 2 ranks, LAMB, micro batch 2, the demo data, in one precision (``--precision``);
+no eval during training (one 5120-wide image takes ~4 s on a core here; at the recipe's eval batch of 256 one MLP
+activation alone is ~7 GB in fp32):
 
   A  an uninterrupted run of 5 steps (checkpoint at 3 and 5; final/ exported at the end);
   B  the same run killed with SIGKILL (the whole process group) once its step-3 checkpoint is complete, then
@@ -109,15 +111,24 @@ class Sampler:
         return self.peaks
 
 
-def overrides(a) -> list[str]:
+def overrides(a, demo: Path) -> list[str]:
+    from evaclip_cli.stages.common import shard_pattern
+
+    # the demo shards as a plain data source: no in-training eval (5 steps of a random model; eval is C's)
     return [f"model.vision.depth={a.depth}", f"model.text.layers={a.text_layers}",
             f"deepspeed.precision={a.precision}", "data.micro_batch=2", "data.global_batch=4", "data.samples=20",
-            "data.demo=true", "data.workers=1", "logging.log_every=1", "logging.checkpoint_every=3",
-            "logging.keep_last=2", "eval.every_steps=0", "schedule.warmup_steps=1", "compute.threads=1"]
+            f'data.train=[{{shards="{shard_pattern(demo / "train")}"}}]', "data.workers=1", "logging.log_every=1", "logging.checkpoint_every=3",
+            "logging.keep_last=2", "eval.every_steps=0", "schedule.warmup_steps=1", "compute.threads=1",
+            *(SMOKE if a.smoke else [])]
+
+
+# --smoke: toy widths through the same script (tests/test_scale_rehearsal.py), to keep the bench runnable
+SMOKE = ["model.vision.width=64", "model.vision.mlp_dim=256", "model.vision.heads=2", "model.text.width=64",
+         "model.text.heads=2", "model.embed_dim=32"]
 
 
 def train(a, out: Path, env: dict, resume: bool = False, kill_at: int = 0) -> tuple[int, dict, float]:
-    cmd = [*EVACLIP, "train", "--recipe", a.arch, "--nproc", "2", "--out", str(out), *overrides(a)]
+    cmd = [*EVACLIP, "train", "--recipe", a.arch, "--nproc", "2", "--out", str(out), *overrides(a, a.demo)]
     if resume:
         cmd += ["--resume", "auto"]
     t = time.perf_counter()
@@ -164,20 +175,22 @@ def main() -> None:
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--smoke", action="store_true", help="toy widths: checks the script, not memory")
     a = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix=f"rehearsal-{a.arch}-{a.precision}-", dir=a.dir))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "EVACLIP_DEMO_DIR": str(work / "demo"), "PYTHONPATH": str(ROOT)}
     from evaclip_cli.data.demo import make_demo
 
-    make_demo(work / "demo")
+    make_demo(work / "demo", n_train=640, n_val=64, per_class=2, n_videos=0)  # 16 eval images: ~4 s each here
+    a.demo = work / "demo"
     res: dict = {"arch": a.arch, "precision": a.precision, "depth": a.depth, "text_layers": a.text_layers}
     try:
         est = json.loads(subprocess.run([*EVACLIP, "estimate", "--recipe", a.arch, "--gpus", "2", "--json",
-                                         *overrides(a)], env=env, cwd=ROOT, capture_output=True, text=True,
+                                         *overrides(a, a.demo)], env=env, cwd=ROOT, capture_output=True, text=True,
                                         check=True).stdout)
         res["params"] = est["params"]["trainable"]
-        print(f"{a.arch} widths, {a.depth} vision block(s), {a.text_layers} text layer(s): {res['params']:,} "
+        print(f"{a.arch} {'toy' if a.smoke else 'real'} widths, {a.depth} vision block(s), {a.text_layers} text layer(s): {res['params']:,} "
               f"parameters; ZeRO-3, 2 ranks, {a.precision}, LAMB, micro batch 2", flush=True)
 
         _, peaks_a, t_a = train(a, work / "A", env)

@@ -179,6 +179,19 @@ class AtomicDir:
 
 
 # ----------------------------------------------------------------------------------------------------- locking
+ORPHAN_WAIT_S = 30
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class OutputLock:
     """An exclusive ``flock`` on ``lock_path``, which records who holds it (PID, host, start time) for the message a
     second process gets. Released by ``release()`` or when the process ends, however it ends.
@@ -194,7 +207,8 @@ class OutputLock:
         import json
         import time
 
-        for _ in range(100):
+        orphan_deadline = None
+        for _ in range(1000):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fh = open(self.path, "a+")
@@ -209,9 +223,20 @@ class OutputLock:
                 except ValueError:
                     who = {}
                 fh.close()
+                # the holder is dead but the lock is not: a process it forked (a data worker) inherited the lock and
+                # is still winding down (a killed rank's workers notice within seconds): wait for it
+                if who.get("host") == _host() and not _alive(who.get("pid")):
+                    orphan_deadline = orphan_deadline or time.monotonic() + ORPHAN_WAIT_S
+                    if time.monotonic() < orphan_deadline:
+                        time.sleep(0.2)
+                        continue
                 holder = f"pid {who.get('pid', '?')} on {who.get('host', '?')}"
                 if who.get("since"):
                     holder += f", since {who['since']}"
+                if orphan_deadline:
+                    raise UserError(f"{self.what} is still locked by processes {holder} started: it has ended, they "
+                                    f"have not after {ORPHAN_WAIT_S} s (their command line names {self.what}); end "
+                                    "them or choose another output") from None
                 raise UserError(f"{self.what} is in use by another evaclip process ({holder}); wait for it to "
                                 "finish or choose another output") from None
             try:  # the holder removes the file when it is done: make sure we locked the file that is there now

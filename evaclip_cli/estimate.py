@@ -13,14 +13,18 @@ Parameters
     *vision trunk* only (no CLIP head, no text tower) plus ``mask_token`` (h) and ``lm_head`` (h -> teacher
     embed dim, with bias); the teacher's vision tower (trunk + CLIP head) is frozen: weights only.
 
-Model states (bytes per trainable parameter; ZeRO paper, Rajbhandari et al. 2020)
+Model states (bytes per trainable parameter; ZeRO paper, Rajbhandari et al. 2020, as DeepSpeed 0.19 lays them out)
     bf16/fp16: weights 2 + grads 2 + optimizer 12 (fp32 master, Adam/LAMB m and v) = 16.
-    fp32:      weights 4 + grads 4 + optimizer 8 (m, v) = 16.
-    ZeRO-1 divides the optimizer states by N, ZeRO-2 also the grads, ZeRO-3 also the weights. ZeRO-3 adds a
-    gather buffer: the 16-bit weights and grads of the largest transformer block (DeepSpeed's estimator adds
-    4 bytes x the largest layer for the same reason). ``offload_optimizer`` (ZeRO >= 1) moves the optimizer
-    states, ``offload_param`` (ZeRO-3) the weights, to CPU. A frozen teacher is replicated on every GPU at
-    ``distill.teacher_precision``.
+    fp32:      weights 4 + grads 4 + optimizer 8 (m, v) = 16 without ZeRO and under ZeRO-3 (whose optimizer steps
+               the fp32 partitions in place); ZeRO-1/2 keep their own fp32 copy of the rank's partition even when
+               the weights are fp32 (stage_1_and_2.py clones it): optimizer 12.
+    ZeRO-1 divides the optimizer states by N, ZeRO-2 also the grads, ZeRO-3 also the weights. Buffers: ZeRO >= 1
+    keeps a gradient bucket of ``reduce_bucket_size`` elements (contiguous_gradients; evaclip's GPU config: 5e8,
+    1 GB in bf16); ZeRO-3 also gathers a whole block to compute it: the 16-bit weights and grads of the largest
+    transformer block (DeepSpeed's estimator adds 4 bytes x the largest layer for the same reason). The gather
+    lives only during a block's forward/backward; the bucket for the whole run. ``offload_optimizer`` (ZeRO >= 1)
+    moves the optimizer states, ``offload_param`` (ZeRO-3) the weights, to CPU. A frozen teacher is replicated on
+    every GPU at ``distill.teacher_precision``.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models")
     Their per-layer 16-bit count is ``s*b*h*(34 + 5*a*s/h)`` bytes for an MLP of 4h with dropout. Generalised to
@@ -62,6 +66,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from evaclip_cli.engine.config import reduce_bucket_elems
 from evaclip_cli.errors import UserError
 
 GiB = 1024**3
@@ -300,10 +305,13 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
     usable = USABLE_FRACTION * card.memory_gib * GiB
     off_opt, off_param = recipe.deepspeed.offload_optimizer, recipe.deepspeed.offload_param
 
+    bucket_elems = reduce_bucket_elems(recipe, on_gpu=True)
+
     def states(stage: int) -> dict:
         weights = wb * P / (n_gpus if stage >= 3 else 1)
         grads = gb * P / (n_gpus if stage >= 2 else 1)
-        optim = ob * P / (n_gpus if stage >= 1 else 1)
+        own_master = precision == "fp32" and stage in (1, 2)  # ZeRO-1/2 clone the fp32 partition
+        optim = (ob + (4 if own_master else 0)) * P / (n_gpus if stage >= 1 else 1)
         offloaded = []
         if off_opt and stage >= 1:
             optim = 0.0
@@ -311,11 +319,13 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
         if off_param and stage == 3:
             weights = 0.0
             offloaded.append("weights")
-        buffers = (wb + gb) * largest_block if stage == 3 else 0
+        gather = (wb + gb) * largest_block if stage == 3 else 0
+        bucket = gb * min(bucket_elems, P) if stage >= 1 else 0
+        buffers = gather + bucket
         weights += frozen_bytes
         return dict(weights_bytes=int(weights), grads_bytes=int(grads), optimizer_bytes=int(optim),
-                    buffers_bytes=int(buffers), model_states_bytes=int(weights + grads + optim + buffers),
-                    offloaded=offloaded)
+                    buffers_bytes=int(buffers), gather_bytes=int(gather), bucket_bytes=int(bucket),
+                    model_states_bytes=int(weights + grads + optim + buffers), offloaded=offloaded)
 
     def max_micro(model_states: float, checkpointing: bool) -> int:
         def fits(bb):
@@ -479,7 +489,8 @@ def _render(r: dict) -> None:
               f"{_gib(fu['total_bytes'])} GiB without; * = the recipe's stage "
               f"(checkpointing {'on' if mem['grad_checkpointing'] else 'off'}); max b = largest micro batch that fits, "
               "with / without checkpointing; "
-              f"buffers = ZeRO-3 gather of the largest block ({mem['largest_block_params'] / 1e6:,.0f}M params)")
+              "buffers = ZeRO >= 1 gradient bucket + ZeRO-3 gather of the largest block "
+              f"({mem['largest_block_params'] / 1e6:,.0f}M params)")
 
     fl, comp, tok = r["flops"], r["compute"], r["tokens"]
     t = Table(title="Compute", box=box.SIMPLE_HEAD, pad_edge=False)

@@ -318,6 +318,36 @@ def test_a_second_run_into_a_locked_folder_stops_with_the_holders_pid_and_host(e
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
+def test_a_lock_left_to_a_dead_holders_children_is_waited_for(tmp_path, monkeypatch):
+    """A killed rank's data workers inherit its run lock and live a few seconds longer: a `--resume auto` started
+    at once waits for them instead of refusing; children that never end get their own one line."""
+    import subprocess
+    import sys
+    import time
+
+    from evaclip_cli import atomic
+
+    holder = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); from evaclip_cli.atomic import run_lock\n"
+              "lock = run_lock(sys.argv[2]).acquire()\n"
+              "if os.fork() == 0:\n    os.close(1); os.close(2); time.sleep(float(sys.argv[3])); os._exit(0)\n"
+              "print('locked', flush=True); os._exit(0)\n")
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", holder, str(Path(__file__).parent.parent), str(run), "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "locked", p.stderr
+    t = time.monotonic()
+    with atomic.run_lock(run):  # the holder is gone; its child lets go within 2 s
+        waited = time.monotonic() - t
+    assert 0.5 < waited < 20, waited
+
+    monkeypatch.setattr(atomic, "ORPHAN_WAIT_S", 1)
+    p = subprocess.run([sys.executable, "-c", holder, str(Path(__file__).parent.parent), str(run), "8"],
+                       capture_output=True, text=True, timeout=60)
+    with pytest.raises(UserError, match="still locked by processes pid .* started: it has ended") as e:
+        atomic.run_lock(run).acquire()
+    assert "\n" not in str(e.value)
+
+
 def test_out_that_is_a_file_is_one_line(env, tmp_path):
     from helpers.runs import train
 

@@ -21,6 +21,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def reduce_bucket_elems(recipe, on_gpu: bool) -> int:
+    """The gradient bucket (elements) of ZeRO >= 1: a recipe's ``deepspeed.extra`` wins over evaclip's default."""
+    extra = (recipe.deepspeed.extra or {}).get("zero_optimization", {})
+    return int(float(extra.get("reduce_bucket_size", 5e8 if on_gpu else 5e7)))
+
+
 def deepspeed_config(recipe, world_size: int, on_gpu: bool) -> dict:
     ds, data = recipe.deepspeed, recipe.data
     accum = accumulation_steps(data.global_batch, data.micro_batch, world_size)
@@ -42,7 +48,7 @@ def deepspeed_config(recipe, world_size: int, on_gpu: bool) -> dict:
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     z = cfg["zero_optimization"]
     if ds.zero_stage >= 1:
-        z.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8 if on_gpu else 5e7)
+        z.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=reduce_bucket_elems(recipe, on_gpu))
     if ds.zero_stage == 3:
         z.update(stage3_param_persistence_threshold=1e5 if on_gpu else 0,
                  stage3_gather_16bit_weights_on_model_save=False)

@@ -17,7 +17,7 @@ from evaclip_cli import atomic
 from evaclip_cli.engine import dist, schedule, tracking
 from evaclip_cli.engine import resume as ckpt
 from evaclip_cli.engine.config import deepspeed_config
-from evaclip_cli.engine.memory import MemoryLog, summary_line
+from evaclip_cli.engine.memory import MemoryLog, summary_line, trim_heap
 from evaclip_cli.engine.params import build_param_groups
 from evaclip_cli.engine.stage import Context, Stage
 from evaclip_cli.errors import PeerLost, TrainingStopped, UserError, first_line
@@ -295,7 +295,6 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
                 if ckpt_every and step % ckpt_every == 0 and step != total_steps:
                     save(step)
         save(step)
-        _write_memory(ctx, mem)
         if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
             _evaluate(ctx, stage, step, track, last_metrics)
         # the exports read the checkpoint just written: free the model, gradients, optimizer states and data workers
@@ -303,6 +302,8 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
         ctx.engine = ctx.model = None
         del engine, optimizer, model, groups, loader, data_iter
         _free_memory()
+        mem.mark("released")  # what the export has beside it
+        _write_memory(ctx, mem)
         stage.finish(ctx)
     except Exception as e:
         if not dist.is_peer_failure(e):
@@ -332,14 +333,10 @@ def _write_memory(ctx: Context, mem: MemoryLog) -> None:
 
 def _free_memory() -> None:
     """Collect what was just dropped (DeepSpeed's hooks make reference cycles) and hand freed heap pages back."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_heap()
 
 
 def _evaluate(ctx: Context, stage: Stage, step: int, track: tracking.Tracking, last_metrics):
