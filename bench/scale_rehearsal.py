@@ -6,9 +6,9 @@ ranks in 24 GB in fp32). ZeRO-3 on 2 ranks, LAMB, micro batch 2, the demo data, 
 no eval during training (one 5120-wide image takes ~4 s on a core here; at the recipe's eval batch of 256 one MLP
 activation alone is ~7 GB in fp32):
 
-  A  an uninterrupted run of 5 steps (checkpoint at 3 and 5; final/ exported at the end);
+  A  an uninterrupted run of 5 steps (checkpoint every 3 and at the end; final/ exported at the end);
   B  the same run killed with SIGKILL (the whole process group) once its step-3 checkpoint is complete, then
-     ``--resume auto`` to step 5: its steps 4-5 losses and its final/ weights against A's;
+     ``--resume auto`` to step 5: its steps 4-5 losses and its final/ weights against A's (--smoke: 40 steps);
   C  ``evaclip convert`` of B's checkpoint to an open_clip folder (streamed: peak anonymous memory against the
      largest output tensor and shard), then ``evaclip eval zeroshot`` of it on the demo's shapes set;
   M  every rank's memory: sampled peak anonymous memory (every 20 ms) and the phases the run itself records
@@ -116,8 +116,10 @@ def overrides(a, demo: Path) -> list[str]:
 
     # the demo shards as a plain data source: no in-training eval (5 steps of a random model; eval is C's)
     return [f"model.vision.depth={a.depth}", f"model.text.layers={a.text_layers}",
-            f"deepspeed.precision={a.precision}", "data.micro_batch=2", "data.global_batch=4", "data.samples=20",
-            f'data.train=[{{shards="{shard_pattern(demo / "train")}"}}]', "data.workers=1", "logging.log_every=1", "logging.checkpoint_every=3",
+            f"deepspeed.precision={a.precision}", "data.micro_batch=2", "data.global_batch=4",
+            f"data.samples={4 * a.steps}",
+            f'data.train=[{{shards="{shard_pattern(demo / "train")}"}}]', "data.workers=1", "logging.log_every=1",
+            "logging.checkpoint_every=3",
             "logging.keep_last=2", "eval.every_steps=0", "schedule.warmup_steps=1", "compute.threads=1",
             *(SMOKE if a.smoke else [])]
 
@@ -139,7 +141,12 @@ def train(a, out: Path, env: dict, resume: bool = False, kill_at: int = 0) -> tu
 
     while proc.poll() is None:
         if kill_at and any(step >= kill_at for step, _ in list_complete(out / "checkpoints")):
-            os.killpg(proc.pid, signal.SIGKILL)
+            # the whole job: torchrun starts each rank in a session of its own, so the launcher's group is not it
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
             break
         time.sleep(0.2)
@@ -166,6 +173,40 @@ def peak_of(cmd: list[str], env: dict) -> tuple[float, float]:
     return peak / GB, time.perf_counter() - t
 
 
+def memory_report(mem: list, est: dict, peaks: dict) -> float:
+    """Each rank's measured phases beside the estimate for the same recipe and world size; returns measured /
+    estimated model + optimizer states of rank 0.
+
+    Compared: ``step1 - start`` (model + optimizer states after the first step: activations are freed by then)
+    with the estimate's weights + grads + optimizer states; the gradient bucket is shown apart (it is sized for the
+    GPU config in the estimate, 5e7 elements on CPU, and only pages DeepSpeed has written count on CPU). The peak
+    (sampled, minus the process's baseline) with the estimate's states + gather + step fp32 grads + activations."""
+    st = next(s for s in est["memory"]["stages"] if s["zero_stage"] == est["memory"]["zero_stage"])
+    states_est = st["weights_bytes"] + st["grads_bytes"] + st["optimizer_bytes"]
+    act = est["memory"]["activations"]["checkpointed"]["total_bytes"]
+    print(f"\nM  memory per rank, GB (ZeRO-{st['zero_stage']}): measured (memory.json, sampled peak) vs "
+          f"evaclip estimate --gpus {est['cluster']['gpus']}")
+    print(f"   estimate: weights {st['weights_bytes'] / GB:.2f} + grads {st['grads_bytes'] / GB:.2f} + optimizer "
+          f"{st['optimizer_bytes'] / GB:.2f} = states {states_est / GB:.2f}; step buffers: gather "
+          f"{st.get('gather_bytes', 0) / GB:.2f}, step fp32 grads {st.get('step_grads_bytes', 0) / GB:.2f}, bucket "
+          f"{st.get('bucket_bytes', 0) / GB:.2f} (GPU config); "
+          f"activations {act / GB:.2f}")
+    ratio = 0.0
+    for r in mem:
+        p = r["points_bytes"]
+        states = p["step1"] - p["start"]
+        peak = peaks.get(r["rank"], 0) or r["peak_bytes"]
+        if r["rank"] == 0:
+            ratio = states / states_est
+        print(f"   rank {r['rank']}: states {states / GB:.2f} (zero.Init {(p['model'] - p['start']) / GB:.2f}, "
+              f"DeepSpeed init {(p['engine'] - p['model']) / GB:.2f}, first step {(p['step1'] - p['engine']) / GB:.2f})"
+              f" = {states / states_est:.3f} x estimate; peak {(peak - p['start']) / GB:.2f} above the baseline vs "
+              f"estimate {(states_est + st.get('gather_bytes', 0) + st.get('step_grads_bytes', 0) + act) / GB:.2f}"
+              + (f"; held at the export {(p['released'] - p['start']) / GB:.2f}" if "released" in p else ""))
+    print(f"   measured / estimated model + optimizer states (rank 0): {ratio:.3f}  (goal: within 10%)")
+    return ratio
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="18b", choices=["18b", "8b"])
@@ -177,6 +218,7 @@ def main() -> None:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--smoke", action="store_true", help="toy widths: checks the script, not memory")
     a = p.parse_args()
+    a.steps = 40 if a.smoke else 5  # toy steps are quick: enough of them that the kill lands before the end
 
     work = Path(tempfile.mkdtemp(prefix=f"rehearsal-{a.arch}-{a.precision}-", dir=a.dir))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "EVACLIP_DEMO_DIR": str(work / "demo"), "PYTHONPATH": str(ROOT)}
@@ -190,17 +232,20 @@ def main() -> None:
                                          *overrides(a, a.demo)], env=env, cwd=ROOT, capture_output=True, text=True,
                                         check=True).stdout)
         res["params"] = est["params"]["trainable"]
-        print(f"{a.arch} {'toy' if a.smoke else 'real'} widths, {a.depth} vision block(s), {a.text_layers} text layer(s): {res['params']:,} "
-              f"parameters; ZeRO-3, 2 ranks, {a.precision}, LAMB, micro batch 2", flush=True)
+        print(f"{a.arch} {'toy' if a.smoke else 'real'} widths, {a.depth} vision block(s), {a.text_layers} text "
+              f"layer(s): {res['params']:,} parameters; ZeRO-3, 2 ranks, {a.precision}, LAMB, micro batch 2",
+              flush=True)
 
         _, peaks_a, t_a = train(a, work / "A", env)
-        print(f"A  uninterrupted 5 steps: {t_a:.0f} s", flush=True)
+        print(f"A  uninterrupted {a.steps} steps: {t_a:.0f} s", flush=True)
         code, _, t_b1 = train(a, work / "B", env, kill_at=3)
+        killed_at = max(losses(work / "B"))
         _, peaks_b, t_b2 = train(a, work / "B", env, resume=True)
         la, lb = losses(work / "A"), losses(work / "B")
-        diff = max(abs(la[s] - lb[s]) for s in (4, 5))
-        print(f"B  killed (exit {code}) after its step-3 checkpoint ({t_b1:.0f} s), resumed to 5 ({t_b2:.0f} s): "
-              f"losses 4-5 {lb[4]:.6f} {lb[5]:.6f} vs A {la[4]:.6f} {la[5]:.6f} (max diff {diff:.2e})", flush=True)
+        diff = max(abs(la[s] - lb[s]) for s in range(4, a.steps + 1))
+        print(f"B  killed (exit {code}) after its step-3 checkpoint, at step {killed_at} ({t_b1:.0f} s), resumed to "
+              f"{a.steps} ({t_b2:.0f} s): losses 4-{a.steps} vs A's: max diff {diff:.2e} (steps 4, 5: {lb[4]:.6f} "
+              f"{lb[5]:.6f} vs {la[4]:.6f} {la[5]:.6f})", flush=True)
         from evaclip_cli.checkpoints.io import load_state_dict
 
         fa = load_state_dict(work / "A" / "final" / "open_clip_model.safetensors")
@@ -226,27 +271,13 @@ def main() -> None:
 
         # ---- memory: measured vs estimated
         mem = json.loads((work / "A" / "memory.json").read_text())["ranks"]
-        st = next(s for s in est["memory"]["stages"] if s["zero_stage"] == 3)
-        act = est["memory"]["activations"]["checkpointed"]["total_bytes"]
-        print("\nM  memory per rank, GB   measured (A)                       evaclip estimate --gpus 2")
-        print("   rank  states  peak(sampled)  peak-states      states (w + g + opt + buffers)  activations")
-        for r in mem:
-            pts = r["points_bytes"]
-            states = (pts["step1"] - pts["start"]) / GB
-            peak = peaks_a.get(r["rank"], 0) / GB
-            base = pts["start"] / GB
-            print(f"   {r['rank']:>4}  {states:6.2f}  {peak:13.2f}  {peak - base - states:11.2f}      "
-                  f"{st['model_states_bytes'] / GB:6.2f} ({st['weights_bytes'] / GB:.2f} + {st['grads_bytes'] / GB:.2f}"
-                  f" + {st['optimizer_bytes'] / GB:.2f} + {st['buffers_bytes'] / GB:.2f})  {act / GB:10.2f}")
-            print("         phases: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in pts.items()))
-        s0 = (mem[0]["points_bytes"]["step1"] - mem[0]["points_bytes"]["start"])
-        ratio = s0 / st["model_states_bytes"]
-        print(f"   measured / estimated model + optimizer states (rank 0): {ratio:.3f}  (goal: within 10%)")
-        res.update(t_a=t_a, t_b=t_b1 + t_b2, loss_diff=diff, weight_diff=wdiff, convert_peak_gb=peak_c,
-                   largest_tensor_gb=largest / GB, largest_shard_gb=shard / GB, eval=ev, memory=mem,
+        ratio = memory_report(mem, est, peaks_a)
+        res.update(killed_at_step=killed_at, t_a=t_a, t_b=t_b1 + t_b2, loss_diff=diff, weight_diff=wdiff,
+                   convert_peak_gb=peak_c, largest_tensor_gb=largest / GB, largest_shard_gb=shard / GB, eval=ev,
+                   memory=mem,
                    sampled_peak_gb={str(k): v / GB for k, v in peaks_a.items()},
                    sampled_peak_resume_gb={str(k): v / GB for k, v in peaks_b.items()},
-                   estimate_states_gb=st["model_states_bytes"] / GB, states_ratio=ratio)
+                   states_ratio=ratio)
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
     finally:

@@ -183,13 +183,17 @@ ORPHAN_WAIT_S = 30
 
 
 def _alive(pid) -> bool:
+    """A running process (a zombie, ended but not yet reaped, is not: its locks and files are closed)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class OutputLock:

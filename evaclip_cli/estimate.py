@@ -15,16 +15,19 @@ Parameters
 
 Model states (bytes per trainable parameter; ZeRO paper, Rajbhandari et al. 2020, as DeepSpeed 0.19 lays them out)
     bf16/fp16: weights 2 + grads 2 + optimizer 12 (fp32 master, Adam/LAMB m and v) = 16.
-    fp32:      weights 4 + grads 4 + optimizer 8 (m, v) = 16 without ZeRO and under ZeRO-3 (whose optimizer steps
-               the fp32 partitions in place); ZeRO-1/2 keep their own fp32 copy of the rank's partition even when
-               the weights are fp32 (stage_1_and_2.py clones it): optimizer 12.
+    fp32:      weights 4 + grads 4 + optimizer 8 (m, v) = 16 without ZeRO. ZeRO 1-3 keep their own fp32 copy of
+               the rank's partition even when the weights are fp32 (stage_1_and_2.py clones it; stage3.py would
+               share it, but its check compares a torch.device with a string and never holds): optimizer 12,
+               measured by bench/scale_rehearsal.py.
     ZeRO-1 divides the optimizer states by N, ZeRO-2 also the grads, ZeRO-3 also the weights. Buffers: ZeRO >= 1
     keeps a gradient bucket of ``reduce_bucket_size`` elements (contiguous_gradients; evaclip's GPU config: 5e8,
     1 GB in bf16); ZeRO-3 also gathers a whole block to compute it: the 16-bit weights and grads of the largest
-    transformer block (DeepSpeed's estimator adds 4 bytes x the largest layer for the same reason). The gather
-    lives only during a block's forward/backward; the bucket for the whole run. ``offload_optimizer`` (ZeRO >= 1)
-    moves the optimizer states, ``offload_param`` (ZeRO-3) the weights, to CPU. A frozen teacher is replicated on
-    every GPU at ``distill.teacher_precision``.
+    transformer block (DeepSpeed's estimator adds 4 bytes x the largest layer for the same reason), and flattens
+    the fp32 gradients of the sub-group it steps (``sub_group_size``, 1e9 elements, or the rank's partition if
+    smaller: 4 bytes each). The gather and the flattened gradients live only during a block's compute or the
+    optimizer step; the bucket for the whole run. bench/scale_rehearsal.py measures all of them.
+    ``offload_optimizer`` (ZeRO >= 1) moves the optimizer states, ``offload_param`` (ZeRO-3) the weights, to CPU.
+    A frozen teacher is replicated on every GPU at ``distill.teacher_precision``.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models")
     Their per-layer 16-bit count is ``s*b*h*(34 + 5*a*s/h)`` bytes for an MLP of 4h with dropout. Generalised to
@@ -306,11 +309,13 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
     off_opt, off_param = recipe.deepspeed.offload_optimizer, recipe.deepspeed.offload_param
 
     bucket_elems = reduce_bucket_elems(recipe, on_gpu=True)
+    sub_group_elems = int(float((recipe.deepspeed.extra or {}).get("zero_optimization", {}).get("sub_group_size",
+                                                                                               1e9)))
 
     def states(stage: int) -> dict:
         weights = wb * P / (n_gpus if stage >= 3 else 1)
         grads = gb * P / (n_gpus if stage >= 2 else 1)
-        own_master = precision == "fp32" and stage in (1, 2)  # ZeRO-1/2 clone the fp32 partition
+        own_master = precision == "fp32" and stage >= 1  # DeepSpeed's optimizer clones the fp32 partition
         optim = (ob + (4 if own_master else 0)) * P / (n_gpus if stage >= 1 else 1)
         offloaded = []
         if off_opt and stage >= 1:
@@ -321,10 +326,12 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
             offloaded.append("weights")
         gather = (wb + gb) * largest_block if stage == 3 else 0
         bucket = gb * min(bucket_elems, P) if stage >= 1 else 0
-        buffers = gather + bucket
+        step_grads = 4 * min(sub_group_elems, P / n_gpus) if stage == 3 else 0
+        buffers = gather + bucket + step_grads
         weights += frozen_bytes
         return dict(weights_bytes=int(weights), grads_bytes=int(grads), optimizer_bytes=int(optim),
                     buffers_bytes=int(buffers), gather_bytes=int(gather), bucket_bytes=int(bucket),
+                    step_grads_bytes=int(step_grads),
                     model_states_bytes=int(weights + grads + optim + buffers), offloaded=offloaded)
 
     def max_micro(model_states: float, checkpointing: bool) -> int:
@@ -489,7 +496,8 @@ def _render(r: dict) -> None:
               f"{_gib(fu['total_bytes'])} GiB without; * = the recipe's stage "
               f"(checkpointing {'on' if mem['grad_checkpointing'] else 'off'}); max b = largest micro batch that fits, "
               "with / without checkpointing; "
-              "buffers = ZeRO >= 1 gradient bucket + ZeRO-3 gather of the largest block "
+              "buffers = ZeRO >= 1 gradient bucket + ZeRO-3 gather of the largest block and fp32 gradients of the "
+              "stepped sub-group "
               f"({mem['largest_block_params'] / 1e6:,.0f}M params)")
 
     fl, comp, tok = r["flops"], r["compute"], r["tokens"]

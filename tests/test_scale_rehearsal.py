@@ -20,6 +20,7 @@ def test_scale_rehearsal_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["loss_diff"] < 1e-6 and res["weight_diff"] < 1e-6  # killed + resumed = uninterrupted
+    assert res["killed_at_step"] < 5, "the job was killed before its end"
     assert len(res["memory"]) == 2
     for rank in res["memory"]:
         assert list(rank["points_bytes"]) == ["start", "model", "engine", "step1", "released"]

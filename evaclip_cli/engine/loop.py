@@ -17,7 +17,7 @@ from evaclip_cli import atomic
 from evaclip_cli.engine import dist, schedule, tracking
 from evaclip_cli.engine import resume as ckpt
 from evaclip_cli.engine.config import deepspeed_config
-from evaclip_cli.engine.memory import MemoryLog, summary_line, trim_heap
+from evaclip_cli.engine.memory import MemoryLog, free_training_tensors, summary_line, trim_heap
 from evaclip_cli.engine.params import build_param_groups
 from evaclip_cli.engine.stage import Context, Stage
 from evaclip_cli.errors import PeerLost, TrainingStopped, UserError, first_line
@@ -299,6 +299,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
             _evaluate(ctx, stage, step, track, last_metrics)
         # the exports read the checkpoint just written: free the model, gradients, optimizer states and data workers
         # first (at 18B the training state is most of a node's memory; an export beside it was OOM-killed)
+        free_training_tensors(engine)  # DeepSpeed's own references would keep them alive past the `del`
         ctx.engine = ctx.model = None
         del engine, optimizer, model, groups, loader, data_iter
         _free_memory()

@@ -79,3 +79,57 @@ def summary_line(rec: dict) -> str:
     if "released" in p and "start" in p:
         parts.append(f"{(p['released'] - p['start']) / 1e9:.2f} GB still held when the export starts")
     return f"memory of rank {rec['rank']}: " + ", ".join(parts) + " (memory.json)"
+
+
+def free_training_tensors(engine) -> int:
+    """Shrink every tensor storage the engine's model and optimizer hold to nothing; returns the bytes freed.
+
+    For the end of a run, after the final checkpoint (the exports read the weights from it). Dropping the engine is
+    not enough: under ZeRO-3 every parameter keeps a reference to DeepSpeed's optimizer (and DeepSpeed keeps
+    parameters in its own registries), so the fp32 partitions, moments and gradient buffers would stay alive beside
+    the export. Storages that cannot be resized (memory-mapped, borrowed from NumPy) are left alone."""
+    import torch
+
+    seen: set[int] = set()
+    freed = 0
+
+    def free(t) -> None:
+        nonlocal freed
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if not ptr or ptr in seen:
+            return
+        seen.add(ptr)
+        n = st.nbytes()
+        try:
+            st.resize_(0)
+        except RuntimeError:
+            return
+        freed += n
+
+    def walk(obj, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            free(obj)
+        elif depth < 4 and isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, depth + 1)
+        elif depth < 4 and isinstance(obj, dict):
+            for x in obj.values():
+                walk(x, depth + 1)
+
+    opt = getattr(engine, "optimizer", None)
+    for o in (opt, getattr(opt, "optimizer", None)):
+        if o is not None:
+            walk(list(vars(o).values()), 0)
+            walk(list(getattr(o, "state", {}).values()), 0)
+    module = getattr(engine, "module", None)
+    if module is not None:
+        for p in module.parameters():
+            p.grad = None
+            free(getattr(p, "ds_tensor", None))
+            free(p.data)
+        for b in module.buffers():
+            free(b)
+    return freed
