@@ -17,7 +17,9 @@ Two cases (the issue's): "large" = 100 classes x 80 templates (ImageNet's prompt
                                 run first)
   evaclip --fast-decode         cached classifier; the JPEG decoder downscales by 2/4/8 while decoding (numbers may
                                 move slightly, so it is opt-in)
-Top-1 of every run is printed next to its speed (the model is random: top-1 only shows the runs agree).
+Top-1 of every run is printed next to its speed (the model is random: top-1 only shows the runs agree), with the CPU
+seconds of the run (the process and its data workers) and the floor they set on this machine (CPU s / CPUs): a
+tool cannot finish faster than its floor, however well it overlaps its work.
 
     python bench/eval_throughput.py [--cases large,small] [--arch tiny] [--size 500x375] [--repeats 3]
 """
@@ -87,13 +89,19 @@ def make_model(folder: Path, arch: str) -> None:
     write_open_clip_folder(build_clip(spec).state_dict(), spec, folder, force=True)
 
 
-def timed(cmd: list, env: dict, cwd: Path, out: Path) -> tuple[float, float]:
+def timed(cmd: list, env: dict, cwd: Path, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, top-1, CPU seconds of the process and every process it waited for: its data workers)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-    return wall, json.loads(out.read_text())["metrics"]["acc1"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, json.loads(out.read_text())["metrics"]["acc1"], cpu
 
 
 CASES = {"large": (2000, 100, 80), "small": (1000, 10, 18)}  # images, classes, templates
@@ -145,13 +153,16 @@ def main() -> None:
             rows["evaclip --fast-decode (cached)"].append(timed([*evaclip, "--fast-decode", "-o", str(out)], env, tmp,
                                                                 out))
         assert cached == 1 and len(list(cache.rglob("*.pt"))) == 1, "the cold runs must neither read nor write it"
-        base = n / statistics.median(t for t, _ in rows["clip_benchmark 1.6.2"])
+        base = n / statistics.median(t for t, _, _ in rows["clip_benchmark 1.6.2"])
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         print(f"\n{case}: {n} images, {classes} classes x {templates} templates ({classes * templates:,} prompts)")
-        print(f"{'':34s} {'images/s':>9s} {'ratio':>6s} {'top-1':>7s}   wall s per run")
+        print(f"{'':34s} {'images/s':>9s} {'ratio':>6s} {'top-1':>7s} {'CPU s':>6s} {'floor':>6s}   wall s per run")
         for name, runs in rows.items():
-            ips = n / statistics.median(t for t, _ in runs)
-            print(f"{name:34s} {ips:9.1f} {ips / base:5.2f}x {100 * runs[-1][1]:6.2f}%   "
-                  + ", ".join(f"{t:.1f}" for t, _ in runs))
+            ips = n / statistics.median(t for t, _, _ in runs)
+            cpu = statistics.median(c for _, _, c in runs)
+            # floor: the wall time the same CPU work needs at best on this machine's CPUs (all busy, no idle gaps)
+            print(f"{name:34s} {ips:9.1f} {ips / base:5.2f}x {100 * runs[-1][1]:6.2f}% {cpu:6.1f} {cpu / cpus:6.1f}   "
+                  + ", ".join(f"{t:.1f}" for t, _, _ in runs))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

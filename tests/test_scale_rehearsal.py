@@ -25,5 +25,5 @@ def test_scale_rehearsal_smoke(tmp_path):
     for rank in res["memory"]:
         assert list(rank["points_bytes"]) == ["start", "model", "engine", "step1", "released"]
         assert rank["peak_bytes"] >= max(rank["points_bytes"].values())
-    assert 0 <= res["eval"]["acc1"] <= 1
+    assert 0 <= res["eval"]["metrics"]["acc1"] <= 1
     assert not list(tmp_path.glob("rehearsal-*")), "the work folder is removed without --keep"

@@ -128,7 +128,8 @@ class ZeroParam(LazyTensor):
         n = self.numel()
         if not self.pieces or n == 0:
             return torch.zeros(self.shape, dtype=self.dtype)
-        flat = torch.cat([t.narrow(0, start, length) for t, start, length in self.pieces])
+        with torch.no_grad():  # DeepSpeed saves its flat partitions as tensors that require grad
+            flat = torch.cat([t.detach().narrow(0, start, length) for t, start, length in self.pieces])
         return (flat if flat.numel() == n else flat[:n].clone()).view(self.shape)
 
 

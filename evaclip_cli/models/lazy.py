@@ -7,7 +7,7 @@ a fused ``qkv``), the state dict holds a :class:`LazyTensor` instead, and the wr
 conversion needs is one tensor, not the model.
 
 A lazy tensor quacks like the tensor methods the conversion path uses: ``shape``, ``dtype``, ``numel``,
-``element_size``, ``is_floating_point``, ``reshape``, ``to``, ``contiguous``, ``float``, ``detach``.
+``element_size``, ``is_floating_point``, ``reshape``, ``t``, ``to``, ``contiguous``, ``float``, ``detach``.
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class LazyTensor:
         if torch.Size(shape).numel() == self.numel():  # e.g. logit_scale [1] -> []: stays lazy
             return LazyReshape(self, shape)
         return self.materialize().reshape(shape)  # let torch say what is wrong
+
+    def t(self):
+        return LazyTranspose(self)
 
     def to(self, *args, **kwargs):
         return self.materialize().to(*args, **kwargs)
@@ -96,6 +99,20 @@ class LazyReshape(LazyTensor):
 
     def materialize(self):
         return self.base.materialize().reshape(self.shape)
+
+
+class LazyTranspose(LazyTensor):
+    """``base.t()`` of a 2-D lazy tensor, made contiguous when materialised (a writer needs the bytes in order)."""
+
+    def __init__(self, base: LazyTensor):
+        import torch
+
+        if len(base.shape) != 2:
+            raise ValueError(f"t() expects a 2-D tensor, got shape {tuple(base.shape)}")
+        self.base, self.shape, self.dtype = base, torch.Size([base.shape[1], base.shape[0]]), base.dtype
+
+    def materialize(self):
+        return self.base.materialize().t().contiguous()
 
 
 class LazyChunk(LazyTensor):
