@@ -7,7 +7,7 @@ no eval during training (one 5120-wide image takes ~4 s on a core here; at the r
 activation alone is ~7 GB in fp32):
 
   A  an uninterrupted run of 5 steps (checkpoint every 3 and at the end; final/ exported at the end);
-  B  the same run killed with SIGKILL (the whole process group) once its step-3 checkpoint is complete, then
+  B  the same run killed with SIGKILL (launcher, ranks, workers) once its step-3 checkpoint is complete, then
      ``--resume auto`` to step 5: its steps 4-5 losses and its final/ weights against A's (--smoke: 40 steps);
   C  ``evaclip convert`` of B's checkpoint to an open_clip folder (streamed: peak anonymous memory against the
      largest output tensor and shard), then ``evaclip eval zeroshot`` of it on the demo's shapes set;
