@@ -399,7 +399,8 @@ def test_classifier_built_while_images_decode_is_the_same(tiny_clip_folder, jpeg
 
 def test_console_eval_imports_only_what_it_needs_and_agrees_with_python_m(tiny_clip_folder, jpeg_set, tmp_path):
     """`evaclip eval zeroshot` (the console script: nothing heavy imported before the command runs) decodes ahead,
-    imports no training machinery and no transformers, and gives `python -m evaclip_cli.cli`'s numbers."""
+    imports no training machinery, no transformers and no wandb (timm imports it when installed), leaves both
+    importable afterwards and the garbage collector on, and gives `python -m evaclip_cli.cli`'s numbers."""
     import json
     import os
     import subprocess
@@ -413,14 +414,16 @@ def test_console_eval_imports_only_what_it_needs_and_agrees_with_python_m(tiny_c
     code = ("import sys, evaclip_entry; evaclip_entry.COMMAND_LINE = True\n"
             "from evaclip_cli.cli import main\n"
             f"code = main({args + ['-o', str(tmp_path / 'a.json')]!r})\n"
-            "heavy = ('deepspeed', 'transformers', 'matplotlib', 'tensorboard', 'evaclip_cli.engine.loop', "
+            "heavy = ('deepspeed', 'transformers', 'wandb', 'matplotlib', 'tensorboard', 'evaclip_cli.engine.loop', "
             "'evaclip_cli.stages', 'evaclip_cli.recipes')\n"
             "print('IMPORTED', [m for m in heavy if m in sys.modules])\n"
+            "import gc, wandb, transformers\n"
+            "print('GC', gc.isenabled(), 'OPEN_CLIP' if 'open_clip' in sys.modules else '')\n"
             "sys.exit(code)\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "IMPORTED []" in r.stdout, r.stdout[-500:]
+    assert "IMPORTED []" in r.stdout and "GC True OPEN_CLIP" in r.stdout, r.stdout[-500:]
     r = subprocess.run([sys.executable, "-m", "evaclip_cli.cli", *args, "-o", str(tmp_path / "b.json")], env=env,
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

