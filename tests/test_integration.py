@@ -253,3 +253,23 @@ def test_console_script_defers_the_integration_to_the_commands():
                           "field": "timm_model_kwargs" in open_clip.CLIPVisionCfg.__dataclass_fields__}}))
     """)
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"light": [], "registered": True, "field": True}
+
+
+def test_python_m_defers_the_integration_like_the_console_script():
+    """`python -m evaclip_cli.cli` (what the launchers start on every rank) is the command line too: `--help` imports
+    none of torch/timm/open_clip (seen by `-X importtime`), a command that builds a model integrates, and a plain
+    `import evaclip_cli` still integrates at once."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-u", "-X", "importtime", "-m", "evaclip_cli.cli", "--help"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "estimate" in res.stdout, res.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time")}
+    assert "evaclip_cli.cli.app" in imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    res = subprocess.run([sys.executable, "-m", "evaclip_cli.cli", "estimate", "--recipe", "tiny"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "tiny" in res.stdout, res.stderr[-2000:]
+    res = python("""
+        import sys, evaclip_cli
+        import timm
+        assert "open_clip" in sys.modules and timm.is_model("evaclip_vit")
+    """)

@@ -1,4 +1,10 @@
-"""``python -m evaclip_cli.cli``: what the launchers (torchrun, deepspeed, sbatch) start on every rank."""
-from evaclip_cli.cli.app import entry
+"""``python -m evaclip_cli.cli``: what the launchers (torchrun, deepspeed, sbatch) start on every rank. Like the
+``evaclip`` console script it defers the open_clip integration (``evaclip_cli/__init__.py``) and makes OpenMP threads
+wait passively unless ``OMP_WAIT_POLICY`` is set (``evaclip_entry.py``)."""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from evaclip_cli.cli.app import entry  # noqa: E402
 
 entry()
