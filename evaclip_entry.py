@@ -4,7 +4,7 @@
 which imports torch, timm and open_clip: seconds. The command line must not pay that for ``--help`` or a TAB
 completion, so this entry marks the process as the console script before importing ``evaclip_cli.cli``; the
 commands that build or load a model integrate when they do. ``python -m evaclip_cli.cli`` (what the launchers start
-on every rank) is an ordinary import and integrates at once.
+on every rank) defers it the same way (``evaclip_cli/__init__.py`` recognises it from ``sys.orig_argv``).
 
 It also makes OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless set) before torch is loaded, here and
 in every rank the command launches: spinning threads of two processes sharing CPUs slow both several-fold (measured

@@ -11,8 +11,8 @@ Two cases (the issue's): "large" = 100 classes x 80 templates (ImageNet's prompt
   clip_benchmark 1.6.2
   evaclip (cold)                `evaclip eval zeroshot --no-cache` (the console script; classifier computed, no cache
                                 read or written)
-  evaclip (cold, python -m)     the same through `python -m evaclip_cli.cli` (what torchrun starts on every rank:
-                                torch and open_clip are imported before the command line is parsed)
+  evaclip (cold, python -m)     the same through `python -m evaclip_cli.cli` (what torchrun starts on every rank;
+                                like the console script, it imports torch and open_clip after the workers start)
   evaclip (classifier cached)   a re-run, or a second dataset sharing the classes (the cache was filled by an untimed
                                 run first)
   evaclip --fast-decode         cached classifier; the JPEG decoder downscales by 2/4/8 while decoding (numbers may

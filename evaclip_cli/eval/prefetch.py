@@ -1,11 +1,12 @@
 """Decode-ahead: worker processes decode and crop a rank's images while the main process is still busy elsewhere.
 
 ``evaclip eval`` starts them as soon as the set is listed: before torch, open_clip and the model are loaded (in the
-``evaclip`` console script nothing heavy is imported yet) and before the text classifier is built, so decoding — the
-largest share of an eval on a small model — overlaps imports, model load and prompt encoding instead of following
-them. A worker imports nothing but PIL and numpy (``data.benchmarks.crop_image``: open_clip's resize + centre crop) and
-sends uint8 crops; the main process turns each batch into the model's input with ``data.benchmarks.to_float``
-(torchvision's ToTensor + Normalize, elementwise, on the batch). ``ImageSet`` only uses the results after checking
+``evaclip`` console script and under ``python -m evaclip_cli.cli`` nothing heavy is imported yet) and before the text
+classifier is built, so decoding — the largest share of an eval on a small model — overlaps imports, model load and
+prompt encoding instead of following them. A worker imports nothing but PIL and numpy
+(``data.benchmarks.crop_image``: open_clip's resize + centre crop) and sends uint8 crops; the main process turns each
+batch into the model's input with ``data.benchmarks.to_float`` (torchvision's ToTensor + Normalize, elementwise, on
+the batch). ``ImageSet`` only uses the results after checking
 that this path gives the model's transform bit for bit (``data.benchmarks.check_crop``); otherwise it falls back
 to the DataLoader.
 

@@ -100,8 +100,8 @@ def import_open_clip_lean(model, pretrained=None) -> bool:
       and no garbage, and each collection on the way rescans them all. After the import they are frozen
       (``gc.freeze``), so the collections during the eval loop skip them too.
 
-    Nothing happens when open_clip is imported already (``python -m evaclip_cli.cli`` imports it with the package).
-    True if done."""
+    Nothing happens when open_clip is imported already (a program that imported ``evaclip_cli`` as a library, or
+    training's periodic eval). True if done."""
     import gc
     import sys
 
