@@ -236,3 +236,17 @@ def test_force_replaces_atomically(tmp_path):
     assert run_cli(["convert", d / "model.pt", out, "--eva-config", d / "config.json", "--force"]) == 0
     assert not (out / "stale.txt").exists() and (out / "open_clip_model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["oc"]
+
+
+def test_sizes_read_and_written_in_the_same_units():
+    """`--max-shard-size` reads what messages and model cards print (decimal units): one formatter, one parser."""
+    from evaclip_cli.checkpoints.io import format_size, parse_size
+    from evaclip_cli.errors import UserError
+
+    assert [format_size(n) for n in (0, 999, 1000, 1.5e9, 36.7e12)] == ["0 B", "999 B", "1.0 KB", "1.5 GB", "36.7 TB"]
+    assert format_size(4_299_161_600, 2) == "4.30 GB" and format_size(2e15) == "2000.0 TB"
+    for n in (999, 12_000, 5_300_000_000, 2e12):
+        assert parse_size(format_size(n)) == pytest.approx(n, rel=0.05)
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("0") == 0
+    with pytest.raises(UserError, match="is not a size"):
+        parse_size("lots")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from evaclip_cli.checkpoints.io import format_size
 from evaclip_cli.errors import UserError
 
 PREFIX = "hf-hub:"
@@ -81,14 +82,6 @@ def parse(text: str) -> HubRef:
     return HubRef(m.group("repo"), m.group("file"), revision)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n} B"
-
-
 def _stderr(line: str) -> None:
     print(f"evaclip: {line}", file=sys.stderr)
 
@@ -113,8 +106,9 @@ def check_disk(need: int, what: str) -> None:
     where = cache_dir()
     free = _free_bytes(where)
     if need > free:
-        raise UserError(f"not enough disk space for {what}: {_human(need)} to download into {where}, {_human(free)} "
-                        "free; free some space or point HF_HUB_CACHE (or HF_HOME) at a larger disk")
+        raise UserError(f"not enough disk space for {what}: {format_size(need)} to download into {where}, "
+                        f"{format_size(free)} free; free some space or point HF_HUB_CACHE (or HF_HOME) at a larger "
+                        "disk")
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -292,7 +286,7 @@ def _fetch_file(ref: HubRef, log) -> tuple[Path, str]:
     info = _download(lambda: hf_hub_download(ref.repo, name, revision=ref.revision, dry_run=True), ref, name)
     if info.will_download:
         check_disk(int(info.file_size or 0), f"{ref}")
-        log(f"downloading {ref} ({_human(info.file_size or 0)}) into {cache_dir()}")
+        log(f"downloading {ref} ({format_size(info.file_size or 0)}) into {cache_dir()}")
     path = Path(_download(lambda: hf_hub_download(ref.repo, name, revision=ref.revision), ref, name))
     if _HF_WEIGHTS.fullmatch(posixpath.basename(name)):  # a weights file of BAAI's HF layout needs its config.json
         _optional_config(ref, folder)
@@ -333,7 +327,7 @@ def _get_many(ref: HubRef, files: list[str], log, what: str) -> Path:
     need = sum(int(i.file_size or 0) for i in infos if i.will_download)
     if need:
         check_disk(need, f"{ref} ({what})")
-        log(f"downloading {ref} ({what}, {_human(need)}) into {cache_dir()}")
+        log(f"downloading {ref} ({what}, {format_size(need)}) into {cache_dir()}")
     return Path(_download(lambda: snapshot_download(ref.repo, revision=ref.revision, allow_patterns=files), ref))
 
 

@@ -11,8 +11,9 @@ from typing import Optional
 from evaclip_cli.errors import UserError, first_line
 from evaclip_cli.models.openclip_compat import load_sharded_safetensors
 
-__all__ = ["load_state_dict", "load_sharded_safetensors", "unwrap", "read_json", "parse_size", "torch_dtype", "cast",
-           "save_safetensors_sharded", "write_safetensors", "load_safetensors_mmap", "load_sharded_safetensors_mmap"]
+__all__ = ["load_state_dict", "load_sharded_safetensors", "unwrap", "read_json", "parse_size", "format_size",
+           "torch_dtype", "cast", "save_safetensors_sharded", "write_safetensors", "load_safetensors_mmap",
+           "load_sharded_safetensors_mmap"]
 
 WRAPPERS = ("module", "state_dict", "model")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -94,6 +95,15 @@ def parse_size(text: str) -> int:
     base = 1024 if "I" in unit else 1000
     power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit else ""]
     return int(num * base**power)
+
+
+def format_size(n: float, digits: int = 1) -> str:
+    """Bytes for people, in the decimal units ``parse_size`` reads: 950 -> '950 B', 1.5e9 -> '1.5 GB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+        n /= 1000.0
+    raise AssertionError("unreachable")
 
 
 def torch_dtype(name: Optional[str]):

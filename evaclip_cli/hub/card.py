@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from evaclip_cli import __version__
+from evaclip_cli.checkpoints.io import format_size
 from evaclip_cli.hub.stage import Staged
 from evaclip_cli.models.openclip_compat import CONFIG_NAME
 
@@ -42,14 +43,6 @@ def weight_stats(files: dict) -> dict:
             counts[tower] += n
             dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + n * _DTYPE_BYTES.get(info["dtype"], 4)
     return {"params": counts, "total": sum(counts.values()), "dtypes": sorted(dtypes, key=lambda k: -dtypes[k])}
-
-
-def human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
-            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.2f} {prefix}{unit}"
-        n /= 1000.0
-    return f"{n} {unit}"
 
 
 def _params(n: int) -> str:
@@ -147,7 +140,7 @@ def model_card(repo_id: str, staged: Staged, *, license: str = "mit", datasets: 
                       "`evaclip_recipe.toml` and `metrics.jsonl`:", "", summary.rstrip(), ""]
     if results:
         lines += ["## Evaluation", "", results_markdown(results).rstrip(), ""]
-    file_rows = [[f"`{n}`", human(p.stat().st_size)] for n, p in sorted(staged.files.items())]
+    file_rows = [[f"`{n}`", format_size(p.stat().st_size, 2)] for n, p in sorted(staged.files.items())]
     lines += ["## Files", "", _table(file_rows, ("file", "size")), "",
-              f"{len(staged.files)} files, {human(size)} in all.", ""]
+              f"{len(staged.files)} files, {format_size(size, 2)} in all.", ""]
     return "\n".join(lines)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from evaclip_cli import __version__
+from evaclip_cli.checkpoints.io import format_size
 from evaclip_cli.errors import UserError
-from evaclip_cli.hub.card import human as _human
 from evaclip_cli.hub.card import model_card
 from evaclip_cli.hub.stage import stage
 
@@ -257,7 +257,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
             echo(f"dry run: nothing uploaded; {repo_id} would get these {len(listing)} files in one commit, "
                  f"written to {out}:")
             for name, size, sha in listing:
-                echo(f"  {name:<48} {_human(size):>11}  sha256 {sha}")
+                echo(f"  {name:<48} {format_size(size, 2):>11}  sha256 {sha}")
             echo(f"upload it with: evaclip push {out} --repo {repo_id} --card {out / 'README.md'}")
             return {"dry_run": True, "out": str(out), "files": {n: {"size": s, "sha256": h} for n, s, h in listing}}
         return _upload(repo_id, files, token=token, private=private, revision=revision, create_pr=create_pr,
@@ -291,7 +291,7 @@ def _upload(repo_id: str, files: dict, *, token: str, private: bool, revision: O
             kept_card = True
     names = sorted(files)
     total = sum(files[n].stat().st_size for n in names)
-    description = (f"{len(names)} files, {_human(total)}: " + ", ".join(names) + f" (evaclip {__version__})")
+    description = (f"{len(names)} files, {format_size(total, 2)}: " + ", ".join(names) + f" (evaclip {__version__})")
 
     def commit():
         ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(files[n])) for n in names]  # fresh per try
@@ -300,7 +300,8 @@ def _upload(repo_id: str, files: dict, *, token: str, private: bool, revision: O
 
     info = step(commit, "committing to")
     target = f"{repo_id}@{revision}" if revision else repo_id
-    echo(f"pushed {len(names)} files ({_human(total)}) to {target} in one commit {info.oid[:12]}: {info.commit_url}")
+    echo(f"pushed {len(names)} files ({format_size(total, 2)}) to {target} in one commit {info.oid[:12]}: "
+         f"{info.commit_url}")
     if kept_card:
         echo("kept the README.md already on the Hub (pass --overwrite-card to replace it with the generated card)")
     if info.pr_url:
