@@ -233,6 +233,7 @@ class EvalDataset(_Section):
     name: str
     path: str
     task: Literal["zeroshot", "retrieval", "video"] = "zeroshot"
+    images: Optional[str] = None  # retrieval: the images folder of a caption JSON (`evaclip eval retrieval --images`)
 
 
 class EvalSection(_Section):

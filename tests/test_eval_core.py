@@ -195,17 +195,20 @@ def test_video_prompts_are_checked_like_image_prompts(tmp_path):
 @pytest.mark.slow
 def test_periodic_eval_of_last_step_equals_eval_zeroshot(tmp_path):
     """A tiny run (fp32, 50 steps) on the digits with periodic zero-shot eval on held-out digits (one unreadable
-    image among them): the last eval record in metrics.jsonl and `evaclip eval zeroshot -m RUN/final -d SET` give
-    the same acc1, acc5 and skip count."""
-    from helpers.realdata import write_digits
+    image among them) and on a retrieval set (CLIP_benchmark wds/, three captions an image): the last eval record in
+    metrics.jsonl and `evaclip eval zeroshot|retrieval -m RUN/final -d SET` give the same acc1, acc5, recalls and
+    skip count."""
+    from helpers.realdata import write_digits, write_digits_benchmark
 
     d = write_digits(tmp_path / "digits")
+    ret = write_digits_benchmark(tmp_path / "bench", n=120, shard_size=60)["wds_ret"]
     zs = d["zeroshot"]
     bad = tmp_path / "digits" / "zeroshot" / "test" / "0_zero" / "zzz_broken.png"
     bad.write_bytes(b"\x89PNG not an image")
     recipe = tmp_path / "digits.toml"
     recipe.write_text(f'extends = "tiny"\n[data]\ndemo = false\ntrain = [{{ shards = "{d["train"]}" }}]\n'
-                      f'samples = 3200\n[eval]\nevery_steps = 25\ndatasets = [{{ name = "digits", path = "{zs}" }}]\n'
+                      f'samples = 3200\n[eval]\nevery_steps = 25\ndatasets = [{{ name = "digits", path = "{zs}" }}, '
+                      f'{{ name = "captions", path = "{ret}", task = "retrieval" }}]\n'
                       '[logging]\ncheckpoint_every = 0\ntensorboard = false\n')
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "EVACLIP_CACHE": str(tmp_path / "cache")}
@@ -213,6 +216,7 @@ def test_periodic_eval_of_last_step_equals_eval_zeroshot(tmp_path):
     r = subprocess.run([*EVACLIP, "train", "--recipe", str(recipe), "--out", str(run)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train_out = " ".join(r.stdout.split())
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [x for x in rows if "digits/acc1" in x]
     assert [x["step"] for x in evals] == [25, 50]
@@ -227,6 +231,19 @@ def test_periodic_eval_of_last_step_equals_eval_zeroshot(tmp_path):
     assert abs(last["digits/acc1"] - ev["metrics"]["acc1"]) <= 1e-6
     assert abs(last["digits/acc5"] - ev["metrics"]["acc5"]) <= 1e-6
     assert last["digits/chance"] == pytest.approx(0.1)
+    r = subprocess.run([*EVACLIP, "eval", "retrieval", "-m", str(run / "final"), "-d", str(ret), "-o",
+                        str(tmp_path / "ret.json")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ev = json.loads((tmp_path / "ret.json").read_text())
+    assert ev["samples"] == 120 and ev["captions"] == 360 and len(ev["metrics"]) == 6
+    assert 0.0 < ev["metrics"]["text_retrieval_recall@10"] < 1.0
+    for k, v in ev["metrics"].items():
+        assert abs(last[f"captions/{k}"] - v) <= 1e-6, k
+    assert "captions/image_retrieval_recall@1" in evals[0]  # evaluated periodically too, not only at the end
+    from evaclip_cli.eval.report import training_summary
+
+    assert "zero-shot retrieval R@1, captions" in training_summary(run)  # the model card's training table
+    assert "captions R@1 text→image" in train_out  # the line `evaclip train` ends with
 
 
 def test_imagefolder_class_names_classnames_txt_then_shipped_list_then_folder_names(tmp_path):
@@ -249,3 +266,42 @@ def test_imagefolder_class_names_classnames_txt_then_shipped_list_then_folder_na
     assert resolve_prompts(es, "cifar10")[0] == ["apple pie", "b", "c"]  # count differs: the folder names
     (tmp_path / "c3" / "cifar10" / "classnames.txt").write_text("x\ny\nz\n")
     assert resolve_prompts(image_folder_set(tmp_path / "c3" / "cifar10"), "cifar10")[0] == ["x", "y", "z"]
+
+
+def test_live_eval_covers_every_task_with_the_commands_numbers(env, tmp_path):
+    """Training's periodic eval (``evaluate_live``) on a zero-shot set, an image-text retrieval set, a video
+    classification set and a video-text retrieval manifest gives what `evaclip eval zeroshot|retrieval|video` gives
+    on the same model."""
+    from pathlib import Path
+
+    import torch
+
+    import evaclip_cli  # noqa: F401
+    from evaclip_cli.eval.runner import LiveSet, evaluate_live, run_retrieval, run_video, run_zeroshot
+    from evaclip_cli.models.clip import build_clip
+    from evaclip_cli.models.loaded import LoadedClip
+    from evaclip_cli.models.specs import ARCHS
+
+    from helpers.realdata import write_digits_benchmark
+
+    demo = Path(env["EVACLIP_DEMO_DIR"])
+    torch.manual_seed(0)
+    spec = ARCHS["tiny"]
+    model = build_clip(spec).eval()
+    zs = sorted(p for p in (demo / "zeroshot").iterdir() if p.is_dir())[0]
+    vcls = sorted(p for p in (demo / "zeroshot_video").iterdir() if p.is_dir())[0]
+    ret = write_digits_benchmark(tmp_path, n=60, shard_size=30)["wds_ret"]
+    sets = [LiveSet("zs", zs), LiveSet("ret", ret, "retrieval"), LiveSet("vcls", vcls, "video", 1),
+            LiveSet("vret", demo / "video_val.csv", "video", 2)]
+    live = evaluate_live(model, spec, sets, device="cpu", batch_size=256)
+    kw = {"loaded": LoadedClip.live(model, spec), "quiet": True, "workers": 0, "batch_size": 256}
+    expected = {"zs": run_zeroshot("live", str(zs), cache=False, **kw)["metrics"],
+                "ret": run_retrieval("live", str(ret), **kw)["metrics"],
+                "vcls": run_video("live", str(vcls), frames=1, **kw)["metrics"],
+                "vret": run_video("live", str(demo / "video_val.csv"), frames=2, **kw)["metrics"]}
+    assert len(expected["ret"]) == len(expected["vret"]) == 6
+    for name, metrics in expected.items():
+        for k, v in metrics.items():
+            if k in ("acc1", "acc5") or "recall@" in k:
+                assert live[f"{name}/{k}"] == pytest.approx(v, abs=1e-6), (name, k)
+    assert live["zs/chance"] > 0 and not any(k.endswith("/skipped") for k in live)

@@ -170,3 +170,18 @@ def test_zero_stages_export_and_convert(env, tmp_path, stage, nproc, extra):
     a = load_state_dict(conv / "open_clip_model.safetensors")
     b = load_state_dict(out / "final" / "open_clip_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_eval_set_stops_the_run_before_the_model_is_built(env, tmp_path):
+    """A recipe's eval set (any task) that is not there is one line and exit 2 at start, not a failure at the
+    first eval hours into the run; nothing is trained."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('extends = "tiny"\n[[eval.datasets]]\nname = "flickr"\npath = "'
+                      + str(tmp_path / "flickr.json") + '"\ntask = "retrieval"\n')
+    out = tmp_path / "run"
+    r = subprocess.run([*EVACLIP, "train", "--recipe", str(recipe), "--out", str(out)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "flickr.json: eval set of eval.datasets 'flickr' not found" in lines[0] and "Traceback" not in r.stderr
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())

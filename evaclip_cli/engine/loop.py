@@ -32,13 +32,18 @@ def write_recipe(recipe, out_dir: Path) -> Path:
     return path
 
 
+#: the eval keys plotted and summed up: top-1 of a classification set, R@1 both ways of a retrieval set
+EVAL_HEADLINES = ("/acc1", "/image_retrieval_recall@1", "/text_retrieval_recall@1")
+
+
 def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
-    """Loss (and zero-shot accuracy, when evaluated) against step, as a PNG."""
+    """Loss (and the zero-shot figures, when evaluated: top-1 of classification sets, R@1 both ways of retrieval
+    sets) against step, as a PNG."""
     if not metrics_path.exists():
         return None
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if any(k.endswith("acc1") for k in r)]
+    evals = [r for r in rows if any(k.endswith(EVAL_HEADLINES) for k in r)]
     if not train:
         return None
     import matplotlib
@@ -51,11 +56,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     ax[0][0].set(xlabel="step", ylabel="loss", title="training loss")
     ax[0][0].grid(alpha=0.3)
     if evals:
-        keys = sorted({k for r in evals for k in r if k.endswith("acc1")})
+        keys = sorted({k for r in evals for k in r if k.endswith(EVAL_HEADLINES)})
         for k in keys:
             pts = [(r["step"], r[k]) for r in evals if k in r]
             ax[0][1].plot(*zip(*pts), marker="o", label=k)
-        ax[0][1].set(xlabel="step", ylabel="top-1", title="zero-shot accuracy")
+        ax[0][1].set(xlabel="step", ylabel="top-1 / R@1", title="zero-shot eval")
         ax[0][1].legend(fontsize=8)
         ax[0][1].grid(alpha=0.3)
     fig.tight_layout()
@@ -295,7 +300,7 @@ def _train(recipe, stage: Stage, ctx: Context, resume_from, track: tracking.Trac
                 if ckpt_every and step % ckpt_every == 0 and step != total_steps:
                     save(step)
         save(step)
-        if start_step < total_steps or not any(k.endswith("acc1") for k in last_metrics):
+        if start_step < total_steps or not any(k.endswith(EVAL_HEADLINES) for k in last_metrics):
             _evaluate(ctx, stage, step, track, last_metrics)
         # the exports read the checkpoint just written: free the model, gradients, optimizer states and data workers
         # first (at 18B the training state is most of a node's memory; an export beside it was OOM-killed)

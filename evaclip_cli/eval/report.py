@@ -258,6 +258,15 @@ def training_summary(run_dir: Path) -> str:
     for name, (step, acc, chance) in accs.items():
         add(f"zero-shot top-1, {name}", f"{100 * acc:.1f}% at step {_num(step)}"
             + (f" (chance {100 * chance:.1f}%)" if isinstance(chance, (int, float)) else ""))
+    recalls: dict[str, tuple[int, float, float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k.endswith("/image_retrieval_recall@1") and isinstance(v, (int, float)):
+                name = k[: -len("/image_retrieval_recall@1")]
+                recalls[name] = (r.get("step", 0), v, r.get(f"{name}/text_retrieval_recall@1", float("nan")))
+    for name, (step, t2i, i2t) in recalls.items():
+        add(f"zero-shot retrieval R@1, {name}", f"text→image {100 * t2i:.1f}%, image→text {100 * i2t:.1f}% at step "
+            f"{_num(step)}")
     if not rows:
         return ""
     return "\n".join(_table(["", "value"], rows, right_from=99)) + "\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from evaclip_cli.errors import UserError
 from evaclip_cli.eval.suite import suite_names
@@ -478,42 +478,69 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
 # ------------------------------------------------------------------------------------------------ training eval
 @dataclass
 class LiveSet:
-    """A set training evaluates periodically: an image classification set (any layout ``evaclip eval zeroshot``
-    reads) or, with ``task="video"``, a video classification set read with ``frames`` frames per clip."""
+    """A set training evaluates periodically (a recipe's ``[[eval.datasets]]``): ``task="zeroshot"``, an image
+    classification set (any layout ``evaclip eval zeroshot`` reads); ``"retrieval"``, an image-text retrieval set
+    (``evaclip eval retrieval``'s layouts: CLIP_benchmark wds/, a caption JSON beside its images); ``"video"``, a
+    video classification set or a ``path,caption`` retrieval manifest, read with ``frames`` frames per clip."""
     name: str
     path: Path
     task: str = "zeroshot"
     frames: int = 1
+    images: Optional[Path] = None  # retrieval: a caption JSON's images folder (default: beside the JSON)
 
 
 def evaluate_live(model, spec, sets: list, *, device, rank: int = 0, world: int = 1, batch_size: int = 256,
                   dtype=None) -> dict:
     """Zero-shot accuracy of the model being trained (any ZeRO stage; every rank calls this) on each set:
-    ``{name}/acc1``, ``{name}/acc5``, ``{name}/chance`` (and ``{name}/skipped`` when items were unreadable).
+    ``{name}/acc1``, ``{name}/acc5``, ``{name}/chance`` for a classification set, CLIP_benchmark's six
+    ``{name}/image_retrieval_recall@K`` / ``{name}/text_retrieval_recall@K`` (K = 1, 5, 10) for a retrieval set, and
+    ``{name}/skipped`` when items were unreadable.
 
-    The same adapters, prompts, classifier and loop as ``evaclip eval``, with the model's open_clip preprocessing
-    (``LoadedClip.live``): an eval of the final step gives ``evaclip eval -d PATH``'s numbers for the exported model
-    (class names and templates: the set's own files, else the shipped ones for its folder name). The
-    classifier is never cached (the weights change); ``dtype`` is the engine's weight dtype (inputs are cast to it);
-    a video set takes ``batch_size // frames`` clips per forward."""
-    from evaclip_cli.eval.loops import Runtime, classify
+    The same adapters, prompts, classifier and loops as ``evaclip eval``, with the model's open_clip preprocessing
+    (``LoadedClip.live``): an eval of the final step gives ``evaclip eval zeroshot|retrieval|video -d PATH``'s numbers
+    for the exported model (class names and templates: the set's own files, else the shipped ones for its folder
+    name). The classifier is never cached (the weights change); ``dtype`` is the engine's weight dtype (inputs are
+    cast to it); a video set takes ``batch_size // frames`` clips per forward."""
+    from evaclip_cli.eval.loops import Runtime, classify, retrieve
     from evaclip_cli.eval.prompts import classifier, resolve_prompts
     from evaclip_cli.models.loaded import LoadedClip
 
     loaded = LoadedClip.live(model, spec)
     out = {}
     for s in sets:
+        if not Path(s.path).exists():
+            raise UserError(f"{s.path}: eval set '{s.name}' not found")
+        adapter: Any
+        bs, retrieval = batch_size, s.task == "retrieval"
         if s.task == "video":
-            adapter = video_classification(s.path, loaded, s.frames, s.name)
             bs = max(1, batch_size // s.frames)
+            retrieval = is_retrieval_manifest(Path(s.path))
+            if retrieval:
+                from evaclip_cli.data.video import load_video_retrieval
+                from evaclip_cli.eval.adapters import ClipSet
+
+                ds, captions, owner = load_video_retrieval(Path(s.path), s.frames, loaded.image_size)
+                adapter = ClipSet(ds, s.name, s.frames, loaded.image_size, captions=captions, owner=owner)
+            else:
+                adapter = video_classification(s.path, loaded, s.frames, s.name)
+        elif retrieval:
+            from evaclip_cli.data.benchmarks import retrieval_set
+            from evaclip_cli.eval.adapters import ImageSet
+
+            evalset = retrieval_set(str(s.path), images=str(s.images) if s.images else None)
+            adapter = ImageSet(evalset, loaded.transform(), loaded.image_size)
         else:
-            if not Path(s.path).exists():
-                raise UserError(f"{s.path}: eval set '{s.name}' not found")
             adapter = image_classification(str(s.path), loaded)
-            bs = batch_size
+        rt = Runtime(loaded, device, rank, world, bs, 0, dtype)
+        if retrieval:
+            got = retrieve(adapter, rt, batch_size)
+            out.update({f"{s.name}/{k}": v for k, v in got["metrics"].items()})
+            if got["skipped"]:
+                out[f"{s.name}/skipped"] = got["skipped"]
+            continue
         names, tpls = resolve_prompts(adapter, None)  # as `evaclip eval -d PATH`: the set's own name picks them
         W, _ = classifier(loaded, names, tpls, device, batch_size)
-        res = classify(adapter, W, Runtime(loaded, device, rank, world, bs, 0, dtype))
+        res = classify(adapter, W, rt)
         out[f"{s.name}/acc1"] = res["acc1"]
         out[f"{s.name}/acc5"] = res["acc5"]
         out[f"{s.name}/chance"] = 1.0 / len(names)

@@ -20,7 +20,9 @@ class ClipStage(LoaderStage):
         self.spec = recipe.spec()
         self._data = None
         self.reducer = None
-        self.eval_sets: list[tuple[str, Path]] = []
+        self.eval_sets: list[tuple[str, Path]] = []  # zero-shot classification
+        self.retrieval_sets: list[tuple[str, Path, Optional[Path]]] = []  # image-text retrieval (+ images folder)
+        self.video_sets: list[tuple[str, Path]] = []  # video classification or retrieval (the middle frame here)
         self.tokenizer = None
 
     # ---- model -----------------------------------------------------------------------------------------------
@@ -90,9 +92,17 @@ class ClipStage(LoaderStage):
         return [s for s in r.data.train if s.kind == "image"]
 
     def add_eval_set(self, d) -> None:
-        """A recipe's [[eval.datasets]] entry this stage evaluates periodically."""
-        if d.task == "zeroshot":
-            self.eval_sets.append((d.name, Path(d.path)))
+        """A recipe's [[eval.datasets]] entry, evaluated periodically: every task (a video set through its middle
+        frame, the paper's protocol for image models; the video stage reads ``video.frames``). Checked here, before
+        the model is built, not at the first eval hours later."""
+        for what, p in (("eval set", d.path), ("images folder", d.images)):
+            if p is not None and not Path(p).exists():
+                raise UserError(f"{p}: {what} of eval.datasets '{d.name}' not found (fix the path in the recipe, or "
+                                "remove the set)")
+        if d.task == "retrieval":
+            self.retrieval_sets.append((d.name, Path(d.path), Path(d.images) if d.images else None))
+        else:
+            {"zeroshot": self.eval_sets, "video": self.video_sets}[d.task].append((d.name, Path(d.path)))
 
     def make_loader(self, sources, **kw):
         """The loader over ``sources`` (the video stage swaps in its clip loader)."""
@@ -147,7 +157,13 @@ class ClipStage(LoaderStage):
         """The sets evaluated periodically (``eval.runner.LiveSet``; the video stage adds its video sets)."""
         from evaclip_cli.eval.runner import LiveSet
 
-        return [LiveSet(name, Path(path)) for name, path in self.eval_sets]
+        return ([LiveSet(name, Path(path)) for name, path in self.eval_sets]
+                + [LiveSet(name, Path(path), "retrieval", images=images) for name, path, images in self.retrieval_sets]
+                + [LiveSet(name, Path(path), "video", self.video_frames()) for name, path in self.video_sets])
+
+    def video_frames(self) -> int:
+        """Frames read per clip of a video eval set: the middle frame (the video stage reads ``video.frames``)."""
+        return 1
 
     def evaluate(self, ctx, step):
         """Zero-shot accuracy on the eval sets: ``evaclip eval``'s core (same preprocessing, prompts, classifier,
@@ -217,5 +233,9 @@ def summary_line(result: dict) -> str:
     for name, acc in accs.items():
         chance = result.get(f"{name}/chance")
         parts.append(f"{name} top-1 {acc * 100:.1f}%" + (f" (chance {chance * 100:.1f}%)" if chance else ""))
+    key = "/image_retrieval_recall@1"
+    for name, t2i in ((k[:-len(key)], v) for k, v in result.items() if k.endswith(key)):
+        i2t = result.get(f"{name}/text_retrieval_recall@1", float("nan"))
+        parts.append(f"{name} R@1 text→image {t2i * 100:.1f}%, image→text {i2t * 100:.1f}%")
     return "; ".join(parts) if parts else "no zero-shot eval set"
 

@@ -26,10 +26,6 @@ class VideoStage(ClipStage):
 
     name = "video"
 
-    def __init__(self, recipe):
-        super().__init__(recipe)
-        self.video_sets: list[tuple[str, Path]] = []
-
     def build_model(self, ctx):
         model = super().build_model(ctx)
         if self.recipe.init.clip:
@@ -72,12 +68,6 @@ class VideoStage(ClipStage):
                             "and video.video_weight > 0")
         return out
 
-    def add_eval_set(self, d) -> None:
-        if d.task == "video":
-            self.video_sets.append((d.name, Path(d.path)))
-        else:
-            super().add_eval_set(d)
-
     def make_loader(self, sources, **kw):
         from evaclip_cli.data.video import build_video_loader
 
@@ -88,12 +78,9 @@ class VideoStage(ClipStage):
         n_video = sum(1 for n in batch["nframes"] if n > 1)
         return pool_frames(img, batch["nframes"]), {"video_fraction": n_video / len(batch["nframes"])}
 
-    def live_eval_sets(self) -> list:
-        """The image sets (forgetting shows there) and the video sets, read with ``video.frames`` frames."""
-        from evaclip_cli.eval.runner import LiveSet
-
-        return super().live_eval_sets() + [LiveSet(name, Path(path), "video", self.recipe.video.frames)
-                                           for name, path in self.video_sets]
+    def video_frames(self) -> int:
+        """Video eval sets are read as the stage trains: ``video.frames`` segment centres per clip."""
+        return self.recipe.video.frames
 
 
 def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, log=print) -> None:
