@@ -150,6 +150,12 @@ def test_resume_on_another_world_size_continues_exactly(env, tmp_path, stage, op
         assert "loading its universal checkpoint" in r.stdout and "converting" not in r.stdout
         again = _weights(run)
         assert all(torch.equal(b[k], again[k]) for k in b)
+        # --resume pointed at the conversion itself, from a new run folder: the same step 3
+        other = tmp_path / "from_universal"
+        r = train(env, other, *_args(recipe, stage, opt, after), *extra, "--resume", str(converted))
+        assert "converting" not in r.stdout and sorted(s["step"] for s in metrics(other)[0]) == [3]
+        explicit = _weights(other)
+        assert all(torch.equal(b[k], explicit[k]) for k in b)
 
 
 @pytest.mark.slow
