@@ -154,7 +154,8 @@ class ClipStage(LoaderStage):
 
     # ---- eval ------------------------------------------------------------------------------------------------
     def live_eval_sets(self) -> list:
-        """The sets evaluated periodically (``eval.runner.LiveSet``; the video stage adds its video sets)."""
+        """The sets evaluated periodically (``eval.runner.LiveSet``): zero-shot, retrieval, and video sets read with
+        ``video_frames()`` frames a clip."""
         from evaclip_cli.eval.runner import LiveSet
 
         return ([LiveSet(name, Path(path)) for name, path in self.eval_sets]
@@ -166,8 +167,9 @@ class ClipStage(LoaderStage):
         return 1
 
     def evaluate(self, ctx, step):
-        """Zero-shot accuracy on the eval sets: ``evaclip eval``'s core (same preprocessing, prompts, classifier,
-        skip-and-count rule) on the model being trained, with full-length text attention for the prompts."""
+        """The zero-shot figures of the eval sets (top-1/top-5, retrieval recalls): ``evaclip eval``'s core (same
+        preprocessing, prompts, classifier, skip-and-count rule) on the model being trained, with full-length text
+        attention for the prompts and captions."""
         import torch
 
         from evaclip_cli.eval.runner import evaluate_live
