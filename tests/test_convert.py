@@ -250,3 +250,56 @@ def test_sizes_read_and_written_in_the_same_units():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("0") == 0
     with pytest.raises(UserError, match="is not a size"):
         parse_size("lots")
+
+
+def test_pt_files_are_written_tensor_by_tensor_and_read_like_torch_save(tmp_path):
+    """`write_torch_file` (EVA .pt/.bin exports, distill's student_mim.pt): the file torch.load reads as it reads
+    torch.save's (weights_only, mmap), with the values, dtypes and plain values of the dict, a dtype cast of the
+    floating tensors only, and each lazy tensor materialised only after the previous one was written and freed."""
+    import gc
+    import weakref
+    import zipfile
+
+    import torch
+
+    from evaclip_cli.checkpoints.io import write_torch_file
+    from evaclip_cli.models.lazy import LazyCat, LazyTensor
+
+    alive: list = []
+
+    class Tracked(LazyTensor):
+        def __init__(self, t):
+            self.t, self.shape, self.dtype = t, t.shape, t.dtype
+
+        def materialize(self):
+            gc.collect()
+            assert all(r() is None for r in alive), "a previous tensor is still in memory"
+            out = self.t.clone()
+            alive.append(weakref.ref(out))
+            return out
+
+    torch.manual_seed(0)
+    state = {"blocks.0.attn.qkv.weight": torch.randn(12, 4), "pos_embed": torch.randn(1, 5, 4).bfloat16(),
+             "ids": torch.arange(6).reshape(2, 3), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+             "scalar": torch.tensor(2.5), "transposed": torch.randn(3, 4).t(), "epoch": 7, "arch": "eva",
+             "fused": LazyCat([torch.randn(2, 4), torch.randn(3, 4)], 0),
+             **{f"tracked.{i}": Tracked(torch.randn(64, 64)) for i in range(4)}}
+    plain = {k: v.t if isinstance(v, Tracked) else v.materialize() if isinstance(v, LazyTensor) else v
+             for k, v in state.items()}
+    path = tmp_path / "model.pt"
+    write_torch_file(path, state)
+    assert len(alive) == 4 and zipfile.ZipFile(path).testzip() is None  # CRCs as torch writes them
+    for mmap in (False, True):
+        got = torch.load(path, weights_only=True, mmap=mmap)
+        assert list(got) == list(state)
+        for k, v in plain.items():
+            if isinstance(v, torch.Tensor):
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+            else:
+                assert got[k] == v, k
+    alive.clear()
+    write_torch_file(path, state, dtype=torch.float16)
+    got = torch.load(path, weights_only=True)
+    assert got["pos_embed"].dtype == got["tracked.0"].dtype == torch.float16
+    assert got["ids"].dtype == torch.int64 and got["flags"].dtype == torch.bool
+    assert torch.equal(got["tracked.3"], plain["tracked.3"].half())

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 from evaclip_cli.atomic import AtomicDir, atomic_file
-from evaclip_cli.checkpoints.io import cast, parse_size, save_safetensors_sharded, torch_dtype
+from evaclip_cli.checkpoints.io import (
+    cast,
+    parse_size,
+    save_safetensors_sharded,
+    torch_dtype,
+    write_safetensors,
+    write_torch_file,
+)
 from evaclip_cli.errors import UserError
 from evaclip_cli.models.keymaps import open_clip_to_eva
 from evaclip_cli.models.openclip_compat import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -69,9 +76,8 @@ def write_timm_folder(vision_state: dict, spec: ClipSpec, dst: Path, dtype=None,
 
 
 def write_eva_file(state: dict, spec: ClipSpec, dst: Path, dtype=None, force=False, extras=None) -> list[str]:
-    """The reference repo's layout: a plain state dict (.pt/.bin or .safetensors) + its model-config JSON."""
-    import torch
-
+    """The reference repo's layout: a plain state dict (.pt/.bin or .safetensors) + its model-config JSON. Streamed:
+    one tensor (cast to ``dtype``) in memory at a time, whatever the format."""
     vision_only = not any(k.startswith("text.") for k in state)
     separate = not spec.vision.qkv_fused
     if vision_only:  # MIM layout: no 'visual.' prefix
@@ -80,18 +86,15 @@ def write_eva_file(state: dict, spec: ClipSpec, dst: Path, dtype=None, force=Fal
     else:
         out = open_clip_to_eva(state, separate)
     td = torch_dtype(dtype)
-    out = {k: cast(v, td) for k, v in out.items()}
     if dst.exists() and not force:
         raise UserError(f"{dst} exists; pass --force to replace it")
     cfg_path = dst.with_suffix(".json")
     try:
         with atomic_file(dst) as tmp, atomic_file(cfg_path) as cfg_tmp:
             if dst.suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file(out, str(tmp), metadata={"format": "pt"})
+                write_safetensors(tmp, out, td, metadata={"format": "pt"})
             else:
-                torch.save(out, str(tmp))
+                write_torch_file(tmp, out, td)
             cfg_tmp.write_text(json.dumps(eva_config_from_spec(spec), indent=2))
     except OSError as e:
         raise UserError(f"cannot write {dst} ({e.strerror})") from None

@@ -12,7 +12,8 @@ from evaclip_cli.errors import UserError, first_line
 from evaclip_cli.models.openclip_compat import load_sharded_safetensors
 
 __all__ = ["load_state_dict", "load_sharded_safetensors", "unwrap", "read_json", "parse_size", "format_size",
-           "torch_dtype", "cast", "save_safetensors_sharded", "write_safetensors", "load_safetensors_mmap",
+           "torch_dtype", "cast", "save_safetensors_sharded", "write_safetensors", "write_torch_file",
+           "load_safetensors_mmap",
            "load_sharded_safetensors_mmap"]
 
 WRAPPERS = ("module", "state_dict", "model")
@@ -203,6 +204,79 @@ def write_safetensors(path: Path, tensors: dict, dtype=None, metadata: Optional[
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
+
+
+# the storage classes torch.save names in its pickle for each dtype (torch.storage's legacy map, which torch keeps
+# for files written by any version)
+_TORCH_STORAGES = {"float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
+                   "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
+                   "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage"}
+
+
+def write_torch_file(path: Path, state: dict, dtype=None) -> None:
+    """``torch.save(state, path)``'s file, written tensor by tensor: the same zip archive (``data.pkl``, the format
+    records, ``data/N`` per tensor, 64-byte aligned, CRC32s), read by ``torch.load`` (``weights_only=True``,
+    ``mmap=True``) like a file torch wrote. ``torch.save`` pickles the whole dict first and so needs every tensor at
+    once; here the pickle refers to each tensor by number, and each tensor (a tensor, a memory-mapped one or a
+    ``models.lazy.LazyTensor``) is materialised, cast to ``dtype`` (floating tensors) and written on its own, so at
+    most one converted tensor is in memory (an 18B ``.pt`` needs one tensor, not the model). ``state``: a flat dict
+    of tensors and plain values (numbers, strings). The archive is written by torch's own writer,
+    ``torch._C.PyTorchFileWriter``, the class ``torch.save`` uses."""
+    import collections
+    import io as _io
+    import pickle
+    import sys
+
+    import torch
+
+    from evaclip_cli.models.lazy import LazyTensor, materialize
+
+    tensors: list = []  # (value, dtype written): data/N is tensors[N]
+
+    class _Storage:  # pickled as torch.save's persistent id of a storage
+        def __init__(self, key: str, dtype, numel: int):
+            self.key, self.dtype, self.numel = key, dtype, numel
+
+    class _Tensor:  # pickled as torch.save pickles a contiguous tensor
+        def __init__(self, storage: _Storage, shape: tuple):
+            self.storage, self.shape = storage, shape
+
+        def __reduce__(self):
+            stride, n = [], 1
+            for d in reversed(self.shape):
+                stride.insert(0, n)
+                n *= d
+            return (torch._utils._rebuild_tensor_v2,
+                    (self.storage, 0, self.shape, tuple(stride), False, collections.OrderedDict()))
+
+    def stand_in(v):
+        if not isinstance(v, (torch.Tensor, LazyTensor)):
+            return v
+        out = dtype if dtype is not None and v.is_floating_point() else v.dtype
+        name = str(out).replace("torch.", "")
+        if name not in _TORCH_STORAGES:
+            raise UserError(f"cannot write a {name} tensor to a .pt file (write .safetensors)")
+        tensors.append((v, out))
+        return _Tensor(_Storage(str(len(tensors) - 1), out, v.numel()), tuple(int(d) for d in v.shape))
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                storage_type = getattr(torch, _TORCH_STORAGES[str(obj.dtype).replace("torch.", "")])
+                return ("storage", storage_type, obj.key, "cpu", obj.numel)
+            return None
+
+    buf = _io.BytesIO()
+    _Pickler(buf, protocol=2).dump({k: stand_in(v) for k, v in state.items()})
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, data in (("data.pkl", buf.getvalue()), (".format_version", b"1"), (".storage_alignment", b"64"),
+                       ("byteorder", sys.byteorder.encode())):
+        writer.write_record(name, data, len(data))
+    for i, (v, out) in enumerate(tensors):
+        t = materialize(v).detach().to("cpu", out).contiguous()
+        writer.write_record(f"data/{i}", t.untyped_storage() if t.numel() else b"", t.nbytes)
+        del t
+    writer.write_end_of_file()
 
 
 def load_safetensors_mmap(path: str | Path) -> dict:

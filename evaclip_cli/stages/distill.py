@@ -248,13 +248,11 @@ class DistillStage(LoaderStage):
 
     def finish(self, ctx):
         """Export the student: a timm tower folder (final/) and the MIM layout (student_mim.pt)."""
-        import torch
-
         from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
         from evaclip_cli.checkpoints.folders import write_timm_folder
+        from evaclip_cli.checkpoints.io import write_torch_file
         from evaclip_cli.engine import dist
         from evaclip_cli.models.keymaps import open_clip_to_eva
-        from evaclip_cli.models.lazy import materialize_state
         from evaclip_cli.models.specs import ClipSpec
 
         if ctx.info.is_main:
@@ -266,9 +264,8 @@ class DistillStage(LoaderStage):
             spec = ClipSpec(vision=self.spec.vision)
             write_timm_folder(trunk, spec, ctx.out_dir / "final", extras=extras, force=True)
             mim = {k[len("visual."):]: v for k, v in open_clip_to_eva(trunk, not spec.vision.qkv_fused).items()}
-            mim = materialize_state({**mim, **extras})  # torch.save needs tensors; the timm folder was streamed
-            with atomic.atomic_file(ctx.out_dir / "student_mim.pt") as tmp:
-                torch.save(mim, tmp)
+            with atomic.atomic_file(ctx.out_dir / "student_mim.pt") as tmp:  # streamed, as the timm folder
+                write_torch_file(tmp, {**mim, **extras})
             ctx.print(f"student: {ctx.out_dir / 'final'} (timm folder), {ctx.out_dir / 'student_mim.pt'} (MIM layout)")
         dist.barrier()
 
