@@ -19,11 +19,13 @@ each checkpoint at least --min-gb (8) on disk and fit the free disk, in
           checks that DeepSpeed's own zero_to_fp32 reads the synthetic files as evaclip does
 then `evaclip convert` each to an open_clip folder (default 5GB shards, the source's dtype) in a fresh subprocess,
 and reports peak anonymous memory against the checkpoint size and the largest output shard. Goal: peak < largest
-output shard + 1 GB, whatever the checkpoint size. Tensors are zeros (values do not change what is mapped or
+output shard + 1 GB, whatever the checkpoint size. With --to eva the output is instead the reference layout's one
+.pt file (what BAAI ships; distill's student_mim.pt is written the same way), and the goal is peak < largest tensor
++ 1 GB: torch.save would need the whole model. Tensors are zeros (values do not change what is mapped or
 copied); each case's files are deleted after it unless --keep. Needs about 2.2x one checkpoint free on --dir's disk.
 
     python bench/convert_memory.py --real-18b [--dir /tmp] [--min-gb 8] [--blocks N|max] [--only pt|hf|zero3]
-                                   [--ranks 2] [--keep DIR]
+                                   [--ranks 2] [--to open_clip|eva] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -222,6 +224,12 @@ def _check_zero3_against_deepspeed(root: Path) -> None:
           "tensors)")
 
 
+def _largest_tensor(spec, element_size: int) -> int:
+    from evaclip_cli.checkpoints.convert import expected_state
+
+    return max(t.numel() for t in expected_state(spec).values()) * element_size
+
+
 def _largest_file(folder: Path) -> int:
     return max(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
 
@@ -260,7 +268,7 @@ def real_18b(args) -> None:
         spec = mk(blocks)
         src = work / {"pt": "EVA_CLIP_18B_synthetic.fp16.pt", "hf": "EVA-CLIP-18B-synthetic-hf",
                       "zero3": "run/checkpoints"}[case]
-        out = work / f"out-{case}"
+        out = work / (f"out-{case}.pt" if args.to == "eva" else f"out-{case}")
         t = time.perf_counter()
         if case == "pt":
             cfg = work / "EVA-CLIP-18B-synthetic.json"
@@ -287,9 +295,14 @@ def real_18b(args) -> None:
             on_disk = sum(p.stat().st_size for p in src.rglob("*.pt"))
         made = time.perf_counter() - t
         cmd = [sys.executable, "-m", "evaclip_cli.cli", "convert", str(src), str(out), "--force",
-               "--max-shard-size", args.max_shard_size, *cmd_extra]
+               *(["--to", "eva"] if args.to == "eva" else ["--max-shard-size", args.max_shard_size]), *cmd_extra]
         anon, rss, secs = peak_memory_of(cmd)
-        shard = _largest_file(out)
+        if args.to == "eva":  # one file: the goal is the largest tensor (+ 1 GB), not the file
+            shard = _largest_tensor(spec, {"fp16": 2, "bf16": 2}.get(cmd_extra[-1], 4))
+            print(f"{case} -> {out.name}: {out.stat().st_size / 1e9:.2f} GB .pt, largest tensor "
+                  f"{shard / 1e9:.2f} GB")
+        else:
+            shard = _largest_file(out)
         ok = anon * 1e9 < shard + 1e9
         rows.append((case, blocks, on_disk, shard, anon, rss, secs))
         print(f"{case}: {blocks} of 48 vision blocks, checkpoint {on_disk / 1e9:.2f} GB (written in {made:.0f} s); "
@@ -297,11 +310,12 @@ def real_18b(args) -> None:
               f"output shard {shard / 1e9:.2f} GB; goal peak < shard + 1 GB = {(shard + 1e9) / 1e9:.2f} GB: "
               f"{'met' if ok else 'NOT met'}")
         if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
             shutil.rmtree(src, ignore_errors=True) if src.is_dir() else src.unlink(missing_ok=True)
             if case == "zero3":
                 shutil.rmtree(src.parent, ignore_errors=True)
-    print("| layout | vision blocks | checkpoint | peak anonymous | x checkpoint | largest output shard | goal |")
+    bound = "largest tensor (output: one .pt)" if args.to == "eva" else "largest output shard"
+    print(f"| layout | vision blocks | checkpoint | peak anonymous | x checkpoint | {bound} | goal |")
     print("|---|---|---|---|---|---|---|")
     for case, blocks, on_disk, shard, anon, _, _ in rows:
         label = {"pt": ".pt fp16", "hf": "HF fp32 shards", "zero3": f"ZeRO-3, {args.ranks} ranks"}[case]
@@ -325,6 +339,8 @@ def main():
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                     help="--real-18b: dtype written (default: the source's, fp16 for .pt, fp32 for HF)")
     ap.add_argument("--max-shard-size", default="5GB", help="--real-18b: output shards (evaclip's default 5GB)")
+    ap.add_argument("--to", choices=("open_clip", "eva"), default="open_clip",
+                    help="--real-18b: the output layout (eva: the reference .pt, one file)")
     ap.add_argument("--smoke", action="store_true", help="--real-18b at toy width: checks the script, not memory")
     args = ap.parse_args()
     if args.real_18b:
