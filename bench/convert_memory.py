@@ -306,8 +306,9 @@ def real_18b(args) -> None:
         ok = anon * 1e9 < shard + 1e9
         rows.append((case, blocks, on_disk, shard, anon, rss, secs))
         print(f"{case}: {blocks} of 48 vision blocks, checkpoint {on_disk / 1e9:.2f} GB (written in {made:.0f} s); "
-              f"convert peak {anon:.2f} GB anonymous (RSS {rss:.2f} GB incl. mapped pages), {secs:.0f} s; largest "
-              f"output shard {shard / 1e9:.2f} GB; goal peak < shard + 1 GB = {(shard + 1e9) / 1e9:.2f} GB: "
+              f"convert peak {anon:.2f} GB anonymous (RSS {rss:.2f} GB incl. mapped pages), {secs:.0f} s; "
+              f"{'largest tensor' if args.to == 'eva' else 'largest output shard'} {shard / 1e9:.2f} GB; goal: "
+              f"peak < that + 1 GB = {(shard + 1e9) / 1e9:.2f} GB: "
               f"{'met' if ok else 'NOT met'}")
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
