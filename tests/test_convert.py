@@ -278,11 +278,18 @@ def test_pt_files_are_written_tensor_by_tensor_and_read_like_torch_save(tmp_path
             alive.append(weakref.ref(out))
             return out
 
+    from safetensors.torch import save_file
+
+    from evaclip_cli.checkpoints.io import load_safetensors_mmap
+
     torch.manual_seed(0)
-    state = {"blocks.0.attn.qkv.weight": torch.randn(12, 4), "pos_embed": torch.randn(1, 5, 4).bfloat16(),
+    save_file({"m.a": torch.randn(3, 4), "m.b": torch.randn(7)}, str(tmp_path / "src.safetensors"))
+    mapped = load_safetensors_mmap(tmp_path / "src.safetensors")  # views into one file-wide storage
+    state = {**mapped, "blocks.0.attn.qkv.weight": torch.randn(12, 4), "pos_embed": torch.randn(1, 5, 4).bfloat16(),
              "ids": torch.arange(6).reshape(2, 3), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
              "scalar": torch.tensor(2.5), "transposed": torch.randn(3, 4).t(), "epoch": 7, "arch": "eva",
              "fused": LazyCat([torch.randn(2, 4), torch.randn(3, 4)], 0),
+             **{f"view.{i}": v for i, v in enumerate(torch.randn(6, 4).chunk(3))},  # storage offsets 0, 8, 16
              **{f"tracked.{i}": Tracked(torch.randn(64, 64)) for i in range(4)}}
     plain = {k: v.t if isinstance(v, Tracked) else v.materialize() if isinstance(v, LazyTensor) else v
              for k, v in state.items()}

@@ -274,6 +274,8 @@ def write_torch_file(path: Path, state: dict, dtype=None) -> None:
         writer.write_record(name, data, len(data))
     for i, (v, out) in enumerate(tensors):
         t = materialize(v).detach().to("cpu", out).contiguous()
+        if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()  # a view (a memory-mapped file's tensor, a slice): the writer takes whole storages
         writer.write_record(f"data/{i}", t.untyped_storage() if t.numel() else b"", t.nbytes)
         del t
     writer.write_end_of_file()
