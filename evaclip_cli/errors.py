@@ -22,6 +22,14 @@ class PeerLost(TrainingStopped):
     every_node = True
 
 
+class StopRequested(Exception):
+    """A graceful stop asked for by a signal (``compute.stop_signals``: SIGTERM, SIGUSR1; slurm's warning before the
+    time limit): every rank finished the same step and a checkpoint of it was written. One line, exit code 75
+    (EX_TEMPFAIL: "try again"), the code the sbatch script requeues on."""
+
+    exit_code = 75
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception as one short line for a message: its first line, or its type when it has no text."""
     lines = str(exc).strip().splitlines()

@@ -283,6 +283,25 @@ class ComputeSection(_Section):
     # intra-op CPU threads per training process; 0: the CPUs this process may use (affinity, cgroup quota) divided by
     # the ranks on this machine (OMP_NUM_THREADS, when set, wins over 0)
     threads: int = Field(0, ge=0)
+    # dense bf16 TFLOP/s of one device for MFU (telemetry, bench/gpu_check.py); default: the estimator's GPU table
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    # signals that stop a run gracefully: every rank finishes the same step, writes a checkpoint, exits with 75
+    stop_signals: list[str] = Field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # the sbatch script: slurm sends SIGUSR1 this many seconds before the time limit (#SBATCH --signal=B:USR1@N)
+    stop_lead_s: int = Field(600, ge=0)
+    # the sbatch script requeues a gracefully stopped job (exit 75) at most this many times; a failure never
+    max_requeues: int = Field(20, ge=0)
+
+    @field_validator("stop_signals")
+    @classmethod
+    def _signal_names(cls, v: list[str]) -> list[str]:
+        import signal
+
+        bad = [s for s in v if not (s.startswith("SIG") and isinstance(getattr(signal, s, None), signal.Signals))
+               or s in ("SIGKILL", "SIGSTOP")]
+        if bad:
+            raise ValueError(f"compute.stop_signals: {', '.join(bad)} cannot be caught (names like SIGTERM, SIGUSR1)")
+        return v
 
 
 class Recipe(_Section):

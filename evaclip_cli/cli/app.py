@@ -15,7 +15,7 @@ import typer
 from evaclip_cli import __version__
 from evaclip_cli.cli import cmd_convert, cmd_data, cmd_demo, cmd_estimate, cmd_eval, cmd_push, cmd_recipes, cmd_train
 from evaclip_cli.cli.invocation import RootGroup, is_rank0
-from evaclip_cli.errors import TrainingStopped, UserError
+from evaclip_cli.errors import StopRequested, TrainingStopped, UserError
 
 app = typer.Typer(
     name="evaclip",
@@ -75,7 +75,7 @@ def _root(
 
 def main(argv: Optional[list] = None) -> int:
     """Console entry point. Exit codes: 0 ok; 2 a user error (one line on stderr); 3 a run that had to stop (one
-    line); 1 an internal error (one line, the traceback with EVACLIP_DEBUG=1); 130 interrupted."""
+    line); 75 a graceful stop by signal, checkpoint written (resume with --resume auto); 1 an internal error (one line, the traceback with EVACLIP_DEBUG=1); 130 interrupted."""
     args = list(map(str, argv)) if argv is not None else sys.argv[1:]
     try:
         app(args=args, standalone_mode=True)
@@ -88,6 +88,10 @@ def main(argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         print("evaclip: interrupted", file=sys.stderr)
         return 130
+    except StopRequested as e:  # SIGTERM/SIGUSR1: stopped at a step boundary with its checkpoint written
+        if is_rank0(os.environ):
+            print(f"evaclip: {e}", file=sys.stderr)
+        return e.exit_code
     except TrainingStopped as e:  # a run that cannot go on: one line, exit code 3
         if is_rank0(os.environ) or (e.every_node and os.environ.get("LOCAL_RANK", "0") == "0"):
             print(f"evaclip: {e}", file=sys.stderr)
