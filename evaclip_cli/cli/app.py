@@ -13,7 +13,17 @@ from typing import Annotated, Optional
 import typer
 
 from evaclip_cli import __version__
-from evaclip_cli.cli import cmd_convert, cmd_data, cmd_demo, cmd_estimate, cmd_eval, cmd_push, cmd_recipes, cmd_train
+from evaclip_cli.cli import (
+    cmd_convert,
+    cmd_data,
+    cmd_demo,
+    cmd_estimate,
+    cmd_eval,
+    cmd_predict,
+    cmd_push,
+    cmd_recipes,
+    cmd_train,
+)
 from evaclip_cli.cli.invocation import RootGroup, is_rank0
 from evaclip_cli.errors import StopRequested, TrainingStopped, UserError
 
@@ -42,6 +52,7 @@ COMMANDS = (  # (group, command name, function)
     (app, "demo", cmd_demo.demo),
     (app, "finetune-video", cmd_train.finetune_video),
     (app, "push", cmd_push.push),
+    (app, "predict", cmd_predict.predict),
     (recipes_app, "ls", cmd_recipes.ls),
     (recipes_app, "show", cmd_recipes.show),
     (recipes_app, "cp", cmd_recipes.cp),
