@@ -22,6 +22,12 @@ class PeerLost(TrainingStopped):
     every_node = True
 
 
+class Interrupted(TrainingStopped):
+    """Ctrl-C (SIGINT) while training: one line naming the last complete checkpoint, exit code 130."""
+
+    exit_code = 130
+
+
 class StopRequested(Exception):
     """A graceful stop asked for by a signal (``compute.stop_signals``: SIGTERM, SIGUSR1; slurm's warning before the
     time limit): every rank finished the same step and a checkpoint of it was written. One line, exit code 75

@@ -560,3 +560,40 @@ def per_rank_states(recipe, gpus: Optional[int] = None) -> str:
             f"(ZeRO-{stage}, {recipe.deepspeed.precision}): parameters {_gib(st['weights_bytes'])} GiB, gradients "
             f"{_gib(st['grads_bytes'])} GiB, optimizer states {_gib(st['optimizer_bytes'])} GiB{extra} "
             f"(`evaclip estimate` for activations and the fit)")
+
+
+# ------------------------------------------------------------------------------------------------ for telemetry
+#: dense bf16/fp16 tensor-core peak by device name (``torch.cuda.get_device_name``), most specific name first
+DEVICE_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12),
+                ("H100", 989e12), ("A100", 312e12))
+
+
+def model_flops_per_sample(recipe, gpus: int) -> float:
+    """Model FLOPs of one training sample (forward + backward, without recompute) when ``gpus`` devices train
+    ``recipe``: the one formula behind ``evaclip estimate``, the run's telemetry and ``bench/gpu_check.py``."""
+    return float(estimate(recipe, gpus=gpus)["flops"]["model_per_sample"])
+
+
+def device_peak_flops(device_name: str, precision: str = "bf16", override_tflops: Optional[float] = None
+                      ) -> Optional[float]:
+    """Peak dense FLOP/s of one device: ``override_tflops`` (``compute.peak_tflops``) when given, else the table
+    above by device name (TF32, half the bf16 peak, for fp32); None for an unknown device or a CPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    peak = next((p for key, p in DEVICE_PEAKS if key.lower() in device_name.lower()), None)
+    if peak is None:
+        return None
+    return peak / 2 if precision == "fp32" else peak
+
+
+def telemetry_flops(recipe, world: int, device: str):
+    """What a training run needs to log TFLOP/s and MFU (``engine.telemetry.FlopsModel``) on ``device``."""
+    from evaclip_cli.engine.telemetry import FlopsModel
+
+    name = ""
+    if device.startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name()
+    return FlopsModel(model_flops_per_sample(recipe, world),
+                      device_peak_flops(name, recipe.deepspeed.precision, recipe.compute.peak_tflops))

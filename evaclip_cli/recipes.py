@@ -273,6 +273,19 @@ class LoggingSection(_Section):
         return {"enabled": v} if isinstance(v, bool) else v
 
 
+class GuardSection(_Section):
+    """The spike guard (engine/guard.py): a step whose loss is more than ``sigma`` standard deviations above the mean
+    of the last ``window`` applied steps is not applied; ``rollback_after`` skips within ``rollback_window`` steps
+    roll back to the last checkpoint and skip the batches read since (PaLM's remedy)."""
+
+    enabled: bool = False
+    sigma: float = Field(6.0, gt=0)
+    window: int = Field(100, ge=2)
+    min_history: int = Field(20, ge=2)  # applied steps before the guard judges (early losses fall fast)
+    rollback_after: int = Field(3, ge=0)  # 0: skip spikes, never roll back
+    rollback_window: int = Field(100, ge=1)
+
+
 # --------------------------------------------------------------------------------------------------------- compute
 class ComputeSection(_Section):
     """The cluster the recipe was written for; ``estimate`` uses it (and ``--gpu/--gpus/--hours`` override)."""
@@ -320,6 +333,7 @@ class Recipe(_Section):
     video: VideoSection = Field(default_factory=VideoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    guard: GuardSection = Field(default_factory=GuardSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
 
     @model_validator(mode="after")

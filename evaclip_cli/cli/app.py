@@ -86,7 +86,8 @@ def _root(
 
 def main(argv: Optional[list] = None) -> int:
     """Console entry point. Exit codes: 0 ok; 2 a user error (one line on stderr); 3 a run that had to stop (one
-    line); 75 a graceful stop by signal, checkpoint written (resume with --resume auto); 1 an internal error (one line, the traceback with EVACLIP_DEBUG=1); 130 interrupted."""
+    line); 75 a graceful stop by signal or RUN/STOP, its checkpoint written (continue with --resume auto); 1 an
+    internal error (one line, the traceback with EVACLIP_DEBUG=1); 130 interrupted (Ctrl-C)."""
     args = list(map(str, argv)) if argv is not None else sys.argv[1:]
     try:
         app(args=args, standalone_mode=True)

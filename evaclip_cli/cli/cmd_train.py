@@ -14,6 +14,7 @@ import typer
 
 from evaclip_cli.cli.invocation import command_line, is_rank0
 from evaclip_cli.cli.options import (
+    AcceptChanges,
     DryRunFlag,
     Hostfile,
     LauncherOpt,
@@ -73,7 +74,7 @@ def train(
     overrides: Overrides = None,
     nproc: Nproc = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = None,
     master_port: MasterPort = None, hostfile: Hostfile = None, launcher: LauncherOpt = None,
-    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None,
+    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None, accept_changes: AcceptChanges = False,
 ):
     """Contrastive CLIP training on DeepSpeed (ZeRO 0-3, LAMB/AdamW, CLIPA token reduction). With the default
     'tiny' recipe it trains on the embedded demo data and prints the zero-shot accuracy."""
@@ -81,7 +82,7 @@ def train(
                                  master_port, hostfile, launcher, dry_run, out)
     from evaclip_cli.stages.clip import run_train, summary_line
 
-    result = run_train(r, out_dir=out_dir, resume=resume)
+    result = run_train(r, out_dir=out_dir, resume=resume, accept_changes=accept_changes)
     _done(out_dir, result, summary_line(result))
 
 
@@ -93,7 +94,7 @@ def distill(
         "--teacher", help="Teacher CLIP (open_clip folder, EVA .pt, run); same as distill.teacher=...")] = None,
     nproc: Nproc = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = None,
     master_port: MasterPort = None, hostfile: Hostfile = None, launcher: LauncherOpt = None,
-    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None,
+    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None, accept_changes: AcceptChanges = False,
 ):
     """Weak-to-strong MIM distillation: a frozen EVA-CLIP teacher's patch features -> a bigger EVA student
     (block-wise masking, negative cosine loss). The student initialises `evaclip train` (init.vision)."""
@@ -102,7 +103,7 @@ def distill(
                                  master_port, hostfile, launcher, dry_run, out)
     from evaclip_cli.stages.distill import run_distill
 
-    result = run_distill(r, out_dir=out_dir, resume=resume)
+    result = run_distill(r, out_dir=out_dir, resume=resume, accept_changes=accept_changes)
     _done(out_dir, result, f"final loss {result.get('loss', float('nan')):.4f} (negative cosine, -1 is perfect)")
 
 
@@ -116,7 +117,7 @@ def finetune_video(
         "same as init.clip=...")] = None,
     nproc: Nproc = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = None,
     master_port: MasterPort = None, hostfile: Hostfile = None, launcher: LauncherOpt = None,
-    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None,
+    dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None, accept_changes: AcceptChanges = False,
 ):
     """The video stage: a `train` CLIP continues on video-text pairs (T frames per clip through the vision
     tower, mean of the frame embeddings, contrastive loss), image shards mixed in by weight; same engine,
@@ -126,5 +127,5 @@ def finetune_video(
                                  master_port, hostfile, launcher, dry_run, out)
     from evaclip_cli.stages.video import run_finetune_video, summary_line
 
-    result = run_finetune_video(r, out_dir=out_dir, resume=resume)
+    result = run_finetune_video(r, out_dir=out_dir, resume=resume, accept_changes=accept_changes)
     _done(out_dir, result, summary_line(result))

@@ -102,6 +102,18 @@ def any_true(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of each value over the ranks (e.g. the slowest rank's data wait, the fullest rank's memory)."""
+    import torch
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as tdist

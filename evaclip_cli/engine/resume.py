@@ -180,7 +180,7 @@ def read_client_state(tag_dir: Path) -> dict:
     except Exception as e:
         raise UserError(f"{rank0[0]}: cannot read ({type(e).__name__}); is the checkpoint complete?") from None
     return {k: v for k, v in sd.items() if k in ("step", "world_size", "counters", "data_states", "rng_states",
-                                                  "recipe")}
+                                                  "recipe", "resolved_recipe", "samples", "segment", "guard")}
 
 
 def rng_state() -> dict:

@@ -217,13 +217,16 @@ def prepare_recipe(recipe):
     return recipe
 
 
-def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
+              accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run
+    from evaclip_cli.estimate import telemetry_flops
 
     recipe = prepare_recipe(recipe)
     stage = ClipStage(recipe)
-    result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet)
+    result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet, accept_changes=accept_changes,
+                 flops=lambda world, device: telemetry_flops(recipe, world, device))
     if dist.is_multi():  # on success only: a rank that failed alone must not wait in a barrier
         dist.shutdown()
     return result

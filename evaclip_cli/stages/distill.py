@@ -277,12 +277,15 @@ def load_teacher_tower(model, state, ctx, zero3, prefix="teacher."):
                      zero3=zero3)
 
 
-def run_distill(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> dict:
+def run_distill(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
+                accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run
+    from evaclip_cli.estimate import telemetry_flops
 
     stage = DistillStage(recipe)
-    result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet)
+    result = run(recipe, stage, out_dir=out_dir, resume=resume, quiet=quiet, accept_changes=accept_changes,
+                 flops=lambda world, device: telemetry_flops(recipe, world, device))
     if dist.is_multi():
         dist.shutdown()
     return result

@@ -105,13 +105,15 @@ def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, l
 
 
 def run_finetune_video(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None,
-                       quiet: bool = False) -> dict:
+                       quiet: bool = False, accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run
+    from evaclip_cli.estimate import telemetry_flops
     from evaclip_cli.stages.clip import prepare_recipe
 
     recipe = prepare_recipe(recipe)
-    result = run(recipe, VideoStage(recipe), out_dir=out_dir, resume=resume, quiet=quiet)
+    result = run(recipe, VideoStage(recipe), out_dir=out_dir, resume=resume, quiet=quiet,
+                 accept_changes=accept_changes, flops=lambda world, device: telemetry_flops(recipe, world, device))
     if dist.is_multi():
         dist.shutdown()
     return result
