@@ -115,7 +115,7 @@ def atomic_file(dst: PathLike) -> Iterator[Path]:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot write {dst}: {e.strerror}") from None
+        raise UserError(f"cannot write {dst}: {cannot(e, dst)}") from None
     try:
         yield tmp
         default_permissions(tmp)
@@ -296,5 +296,50 @@ def cannot(e: OSError, path: PathLike) -> str:
         return f"permission denied ({path} is read-only for this user)" if e.errno != errno.EROFS \
             else f"{path} is on a read-only file system"
     if e.errno == errno.EEXIST or e.errno == errno.ENOTDIR:
-        return f"{path} is a file, not a folder"
+        return f"{_file_in_the_way(Path(path))} is a file, not a folder"
+    if e.errno == errno.EISDIR:
+        return f"{path} is a folder; name a file"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded on the device holding {path}"
     return f"{e.strerror or type(e).__name__} ({path})"
+
+
+def _file_in_the_way(path: Path) -> Path:
+    """The first of ``path`` and its parents that exists and is not a folder (``path`` itself when none is)."""
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            return p
+    return path
+
+
+def check_output(dst: PathLike, kind: str = "file") -> None:
+    """Before any work: ``dst`` (``kind``: a "file", a "folder" written into, or "any": a file or folder that replaces
+    whatever is there) can be created where it is named. No parent is a file, a file output is not an existing
+    folder, a folder output not an existing file, and the nearest existing folder is writable."""
+    dst = Path(dst)
+    blocker = _file_in_the_way(dst.parent)
+    if blocker.exists() and not blocker.is_dir():
+        raise UserError(f"cannot write {dst}: {blocker} is a file, not a folder")
+    if kind == "file" and dst.is_dir():
+        raise UserError(f"cannot write {dst}: it is a folder; name a file (e.g. {dst / 'results.json'})")
+    if kind == "folder" and dst.exists() and not dst.is_dir():
+        raise UserError(f"cannot write {dst}: it is a file, not a folder")
+    here = next((p for p in (dst, *dst.parents) if p.is_dir()), None)
+    if here is not None and not os.access(here, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {dst}: permission denied ({here} is read-only for this user)")
+
+
+def check_apart(src: PathLike, dst: PathLike, verb: str) -> None:
+    """Refuse, in one line, an output ``dst`` that is the source ``src``, lies inside it or contains it (symlinks
+    resolved): writing it, with or without --force, would replace or change what is being read."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s:
+        how = "is the source itself"
+    elif s in d.parents:
+        how = "is inside the source"
+    elif d in s.parents:
+        how = "contains the source"
+    else:
+        return
+    raise UserError(f"cannot {verb} {src} into {dst}: the output {how}, and writing it would replace or change the "
+                    "files being read; choose an output outside it")

@@ -547,6 +547,61 @@ def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: 
     return r
 
 
+def rank_bytes(recipe, world: int, on_gpu: bool, zero_stage: Optional[int] = None) -> tuple[float, float]:
+    """(model-state bytes, activation bytes) one rank of a ``world``-process run of ``recipe`` holds at its micro
+    batch and ``zero_stage`` (default: the recipe's): parameters, gradients and optimizer states (no buffers: a
+    lower bound). Off a GPU an offload moves nothing off the machine, so offloaded states count there."""
+    r = estimate(recipe, gpus=world)
+    stage = recipe.deepspeed.zero_stage if zero_stage is None else zero_stage
+    row = r["memory"]["stages"][stage]
+    states = row["weights_bytes"] + row["grads_bytes"] + row["optimizer_bytes"]
+    if not on_gpu and row["offloaded"]:
+        P, (wb, _, ob, _) = r["params"]["trainable"], _bytes_per(recipe.deepspeed.precision)
+        if "optimizer" in row["offloaded"]:
+            states += (ob + (4 if recipe.deepspeed.precision == "fp32" else 0)) * P / world
+        if "weights" in row["offloaded"]:
+            states += wb * P / world
+    act = r["memory"]["activations"]["checkpointed" if recipe.model.grad_checkpointing else "full"]["total_bytes"]
+    return float(states), float(act)
+
+
+def memory_fit(recipe, world: int, available: float, on_gpu: bool, where: str) -> Optional[str]:
+    """None when one rank of a ``world``-process run of ``recipe`` fits in ``available`` bytes (``where`` says
+    whose: "free memory of cuda:0", "available RAM per rank ..."); else one line: the estimate, what is available
+    and what would fit (micro batch, ZeRO stage, offload). Conservative: the estimate leaves buffers, the CUDA
+    context and the framework out, so it refuses only a run that clearly cannot fit."""
+    states, act = rank_bytes(recipe, world, on_gpu)
+    if states + act <= available:
+        return None
+    b, stage = recipe.data.micro_batch, recipe.deepspeed.zero_stage
+    return (f"{recipe.name} does not fit: a rank of this {world}-process run needs about {_gib(states + act)} GiB "
+            f"({_gib(states)} GiB of parameters, gradients and optimizer states at ZeRO-{stage}, "
+            f"{recipe.deepspeed.precision}; {_gib(act)} GiB of activations at micro batch {b}), over the "
+            f"{_gib(available)} GiB {where}; {_what_fits(recipe, world, available, on_gpu, act / b)}; or pass "
+            "--skip-memory-check if you know better")
+
+
+def _what_fits(recipe, world: int, available: float, on_gpu: bool, per_sample: float) -> str:
+    """The first change that would fit: a smaller micro batch, a higher ZeRO stage, an offload (GPU)."""
+    b, stage, gb = recipe.data.micro_batch, recipe.deepspeed.zero_stage, recipe.data.global_batch
+    for k in range(stage, 4):
+        states = rank_bytes(recipe, world, on_gpu, k)[0]
+        m = min(b, int((available - states) // per_sample)) if available > states else 0
+        if m >= 1:
+            d = next((d for d in range(m, 0, -1) if gb % (d * world) == 0), m)
+            change = ([f"deepspeed.zero_stage={k}"] if k != stage else []) + ([f"data.micro_batch={d}"] if d != b
+                                                                               else [])
+            return f"{' '.join(change)} would fit ({_gib(states + d * per_sample)} GiB)"
+    if on_gpu:
+        r = estimate(recipe, gpus=world)["memory"]["stages"][3]
+        if r["grads_bytes"] + per_sample <= available:
+            return ("deepspeed.zero_stage=3 deepspeed.offload_optimizer=true deepspeed.offload_param=true with a "
+                    "small micro batch would fit")
+    need = rank_bytes(recipe, world, on_gpu, 3)[0] + per_sample
+    return (f"even ZeRO-3 at micro batch 1 needs {_gib(need)} GiB per rank: run on more processes (ranks) or "
+            "machines with more memory")
+
+
 def per_rank_states(recipe, gpus: Optional[int] = None) -> str:
     """One line for ``--dry-run``: the recipe's model built on the meta device (no allocation) and, for ``gpus``
     processes (default: the recipe's own world size, ``compute.gpus``) and its ZeRO stage, the bytes of parameters,

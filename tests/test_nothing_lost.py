@@ -1,8 +1,13 @@
 """Nothing lost, nothing misstated (issue 24): convert never touches its own source, --resume PATH never overwrites
 another run, outputs are checked before the work, a full disk is one line, a run that cannot fit is refused."""
+import contextlib
 import hashlib
+import os
 import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from conftest import run_cli
 
@@ -43,3 +48,154 @@ def test_convert_never_writes_into_or_over_its_own_source(tiny_clip_folder, tmp_
     assert "pass --force to replace it" in _one_line(capsys, ["convert", src, beside])
     assert run_cli(["convert", src, beside, "--force"]) == 0
     assert (beside / "open_clip_config.json").is_file() and _digest(src) == before
+
+
+# ------------------------------------------------------------------------------------------ a genuinely full disk
+@pytest.fixture
+def full_disk(tmp_path):
+    """A small tmpfs mounted for the test (we run as root in CI), or else a loop-mounted ext2 file system, and a
+    ``fill()`` that takes its last free byte. Unmounted in teardown."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _mount(mnt, tmp_path):
+        pytest.skip("cannot mount a small file system here (tmpfs and loop mounts need root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _mount(mnt: Path, tmp_path: Path, size_mb: int = 24) -> bool:
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}M", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode == 0:
+        return True
+    image = tmp_path / "fs.img"
+    made = subprocess.run(["mkfs.ext2", "-q", "-F", str(image), f"{size_mb}M"], capture_output=True)
+    return made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
+                                                   capture_output=True).returncode == 0
+
+
+def fill(folder: Path, leave: int = 0) -> None:
+    """Take every free byte of ``folder``'s file system but ``leave``."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize - leave
+    with open(folder / "filler", "wb") as fh:
+        try:
+            while free > 0:
+                n = min(free, 1 << 20)
+                fh.write(b"\0" * n)
+                free -= n
+            fh.flush()
+        except OSError:
+            pass
+    if leave == 0:  # the last partial page of a tmpfs: one byte at a time
+        with open(folder / "filler2", "wb", buffering=0) as fh:
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 4096)
+
+
+# ------------------------------------------------------------------------------------ outputs checked before work
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / "test" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 60, 90 if c == "cat" else 200, 40)).save(root / "test" / c / f"{i}.jpg")
+    return root
+
+
+def test_eval_output_is_checked_before_the_model_loads(tmp_path, capsys):
+    data = _image_folder(tmp_path / "pets")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    missing = tmp_path / "no-such-model"  # never reached: the output is checked first
+    for cmd in (["eval", "zeroshot", "-d", data], ["eval", "retrieval", "-d", data], ["eval", "video", "-d", data]):
+        line = _one_line(capsys, [*cmd, "-m", missing, "--workers", "0", "-o", afile / "r.json"])
+        assert line == f"evaclip: error: cannot write {afile / 'r.json'}: {afile} is a file, not a folder", line
+        line = _one_line(capsys, [*cmd, "-m", missing, "--workers", "0", "-o", folder])
+        assert line.startswith(f"evaclip: error: cannot write {folder}: it is a folder; name a file"), line
+    line = _one_line(capsys, ["eval", "suite", "-m", missing, "--root", tmp_path, "--out", afile])
+    assert line == f"evaclip: error: cannot write {afile}: it is a file, not a folder", line
+
+
+def test_eval_whose_output_fills_the_disk_prints_its_results_then_one_line(tiny_clip_folder, full_disk, tmp_path,
+                                                                           capsys):
+    data = _image_folder(tmp_path / "pets")
+    fill(full_disk)
+    out = full_disk / "r.json"
+    code, stdout, err = run_cli(["eval", "zeroshot", "-m", tiny_clip_folder, "-d", data, "--workers", "0",
+                                 "--no-cache", "-o", out], capsys)
+    assert code == 2 and "acc1" in stdout and "pets" in stdout, (code, stdout, err)
+    assert err.strip().splitlines()[-1] == f"evaclip: error: cannot write {out}: no space left on the device " \
+                                           f"holding {out}", err
+    assert not out.exists() and not [p for p in full_disk.iterdir() if p.name.startswith(".")]
+
+
+def test_push_dry_run_folder_is_checked_before_staging_and_never_replaces_the_source(tiny_clip_folder, tmp_path,
+                                                                                     capsys):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_clip_folder, src)
+    before = _digest(src)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    line = _one_line(capsys, ["push", tmp_path / "no-such-model", "--repo", "a/b", "--dry-run", "--out",
+                              afile / "staged"])
+    assert line == f"evaclip: error: cannot write {afile / 'staged'}: {afile} is a file, not a folder", line
+    for out in (src, tmp_path):
+        line = _one_line(capsys, ["push", src, "--repo", "a/b", "--dry-run", "--out", out, "--force"])
+        assert line.startswith(f"evaclip: error: cannot stage {src} into {out}: the output ") and "--force" not in line
+    assert _digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model"]
+
+
+def test_train_out_under_a_file_names_the_file(env, tmp_path):
+    from helpers.runs import train
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = train(env, afile / "run", "--recipe", "tiny", "data.samples=64", check=False, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == \
+        [f"evaclip: error: cannot write {afile / 'run'}: {afile} is a file, not a folder"], r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- the memory check
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    from evaclip_cli.stages import clip
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run = tmp_path / "run"
+    for extra in ([], ["--nproc", "2"]):  # a single process, and the launcher of two (one line, no ranks started)
+        line = _one_line(capsys, ["train", "--recipe", "18b", "--out", run, *extra])
+        assert line.startswith("evaclip: error: 18b does not fit: a rank of this ") and "GiB of parameters" in line \
+            and "even ZeRO-3 at micro batch 1 needs" in line and line.endswith("--skip-memory-check if you know "
+                                                                               "better"), line
+        assert not run.exists()
+    started = []
+    monkeypatch.setattr(clip, "run_train", lambda r, **kw: started.append(r.name) or {"step": 0})
+    monkeypatch.setattr(clip, "summary_line", lambda result: "")
+    assert run_cli(["train", "--recipe", "18b", "--out", run, "--skip-memory-check"]) == 0 and started == ["18b"]
+
+
+def test_memory_fit_names_what_would_fit():
+    from evaclip_cli.estimate import GiB, memory_fit, rank_bytes
+    from evaclip_cli.recipes import load_recipe
+
+    tiny = load_recipe("tiny", []).recipe
+    assert memory_fit(tiny, 1, 1 * GiB, False, "of RAM") is None  # the demo's recipes fit in far less than a GB
+    big = load_recipe("18b", []).recipe
+    assert memory_fit(big, 360, 78 * GiB, True, "free on cuda:0") is None  # the paper's setting fits on 80 GB cards
+    line = memory_fit(big, 8, 40 * GiB, True, "free on cuda:0")
+    assert "a rank of this 8-process run needs about 59.7 GiB" in line and "data.micro_batch=" in line, line
+    one = load_recipe("18b", ["deepspeed.zero_stage=1"]).recipe
+    line = memory_fit(one, 64, 60 * GiB, True, "free on cuda:0")
+    assert "deepspeed.zero_stage=2 data.micro_batch=" in line, line
+    assert "offload_optimizer=true" in memory_fit(one, 8, 20 * GiB, True, "free on cuda:0")
+    # on CPU an offload keeps the states on the same machine: it is counted, never suggested
+    off = load_recipe("tiny", ["deepspeed.zero_stage=1", "deepspeed.offload_optimizer=true"]).recipe
+    on_device = sum(rank_bytes(off, 1, True)) * 1.01
+    assert sum(rank_bytes(off, 1, False)) > on_device
+    assert memory_fit(off, 1, on_device, True, "free on cuda:0") is None
+    assert memory_fit(off, 1, on_device, False, "of RAM") is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from evaclip_cli.atomic import cannot, output_lock
+from evaclip_cli.atomic import cannot, check_apart, check_output, output_lock
 from evaclip_cli.checkpoints.deepspeed import load_deepspeed_state
 from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 from evaclip_cli.checkpoints.folders import write_eva_file, write_open_clip_folder, write_timm_folder
@@ -107,12 +107,12 @@ def run_convert(src, dst, src_format="auto", dst_format="open_clip", eva_config=
     console = Console(stderr=True, quiet=quiet)
     parse_size(max_shard_size)  # validate before any work
     if Path(str(src)).exists():
-        check_not_overlapping(Path(str(src)), dst)  # before the '--force' hint: --force would destroy the source
-    check_output_path(dst)
+        check_apart(src, dst, "convert")  # before the '--force' hint: --force would destroy the source
+    check_output(dst, "any" if dst_format != "eva" else "file")
     if dst.exists() and not force:  # before a download of tens of GB, not after
         raise UserError(f"{dst} exists; pass --force to replace it")
     src, model = _resolve_hub(src, eva_config, model, recipe, console)
-    check_not_overlapping(src, dst)  # a Hub source lives in the Hugging Face cache
+    check_apart(src, dst, "convert")  # a Hub source lives in the Hugging Face cache
     fmt = detect_format(src, src_format)
     spec = resolve_spec(src, fmt, eva_config, model, recipe)
     if dst_format == "hf":  # a tower the layout cannot describe: say so before reading anything
@@ -121,31 +121,6 @@ def run_convert(src, dst, src_format="auto", dst_format="open_clip", eva_config=
         hf_config_from_spec(spec)
     with output_lock(dst):  # two converts into one DST: the second stops with one line
         return _convert(src, dst, fmt, spec, console, dst_format, dtype, max_shard_size, vision_only, force)
-
-
-def check_not_overlapping(src: Path, dst: Path) -> None:
-    """Refuse, in one line, an output that is the source, lies inside it or contains it (symlinks resolved): writing
-    it, with or without --force, would replace or change the checkpoint being read."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s:
-        how = "is the source itself"
-    elif s in d.parents:
-        how = "is inside the source"
-    elif d in s.parents:
-        how = "contains the source"
-    else:
-        return
-    raise UserError(f"cannot convert {src} into {dst}: the output {how}, and writing it would replace or change the "
-                    "checkpoint being read; choose an output outside it")
-
-
-def check_output_path(dst: Path) -> None:
-    """The output can be created where it is named: no parent folder is a file (checked before any reading)."""
-    for parent in dst.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write {dst}: {parent} is a file, not a folder")
-            return
 
 
 def _resolve_hub(src, eva_config, model, recipe, console) -> tuple[Path, Optional[str]]:

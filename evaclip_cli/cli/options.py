@@ -76,6 +76,9 @@ Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (de
                                                                  "runs/<recipe>).")]
 Resume = Annotated[Optional[str], typer.Option(
     "--resume", help="'auto' (newest checkpoint of this run, if any) or a checkpoint path.")]
+SkipMemoryCheck = Annotated[bool, typer.Option(
+    "--skip-memory-check", help="Start even when the memory estimate (`evaclip estimate`) says a rank cannot fit in "
+    "the memory available (free GPU memory; on CPU, available RAM / processes on this machine).")]
 AcceptChanges = Annotated[bool, typer.Option(
     "--accept-changes", help="On --resume, apply changed schedule/data keys (samples, global batch, lr, ...) from "
     "the resumed step as a new segment; without it such a resume is refused. Model keys are always refused.")]

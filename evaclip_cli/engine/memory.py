@@ -133,3 +133,31 @@ def free_training_tensors(engine) -> int:
         for b in module.buffers():
             free(b)
     return freed
+
+
+def available_bytes(device: str) -> int:
+    """The memory a run starting now can use: a GPU's free memory (``cuda:N``), else this machine's available RAM
+    (``MemAvailable``, capped by this container's cgroup limit)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:  # not Linux: the physical memory
+        import os
+
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # cgroup v2: the limit less what the group already uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail

@@ -238,18 +238,31 @@ def print_results(rows: list, title: str) -> None:
 
 
 def _finish(out: dict, output, quiet: bool, rank: int, title: str) -> None:
+    """Rank 0: the results printed, then written to ``output``: a write that fails after all (the disk filled
+    since the start) is one line after the results, which are never lost."""
     if rank != 0:
         return
-    if output:
-        from evaclip_cli import atomic
-
-        atomic.write_json(output, out)
     if not quiet:
         print_results([out], f"{title}: {out['model']}")
         if out["skipped"]:
             from rich.console import Console
 
             Console(stderr=True).print(f"[yellow]{out['skipped']} unreadable or incomplete sample(s) skipped[/yellow]")
+    if output:
+        from evaclip_cli import atomic
+
+        try:
+            atomic.write_json(output, out)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {atomic.cannot(e, output)}") from None
+
+
+def _check_output(output) -> None:
+    """An ``--output`` that cannot be written stops before the model is loaded, not after the evaluation."""
+    if output:
+        from evaclip_cli import atomic
+
+        atomic.check_output(output, "file")
 
 
 # ------------------------------------------------------------------------------------------------------ sets
@@ -293,6 +306,7 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     from evaclip_cli.eval.loops import classify, require_readable
     from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
 
+    _check_output(output)
     evalset = classification_set(dataset, split=split, class_key=class_key)
     names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
     adapter = ImageSet(evalset, None, 0)
@@ -342,6 +356,7 @@ def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretraine
     from evaclip_cli.eval.adapters import ImageSet
     from evaclip_cli.eval.loops import retrieve
 
+    _check_output(output)
     evalset = retrieval_set(dataset, images=images, split=split)
     adapter = ImageSet(evalset, None, 0)
     try:
@@ -370,6 +385,7 @@ def run_video(model: str, dataset: str, *, name: Optional[str] = None, task: str
     from evaclip_cli.eval.loops import classify, require_readable, retrieve
     from evaclip_cli.eval.prompts import classifier, resolve_prompts
 
+    _check_output(output)
     path = Path(dataset)
     if not path.exists():
         raise UserError(f"{dataset}: no such folder or CSV (a folder of <class>/*.mp4, a label CSV, or a "
@@ -427,6 +443,10 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
     if not root.is_dir():
         raise UserError(f"{root}: dataset root not found (--root DIR holding one folder per dataset)")
     specs = [load_suite(s) for s in suites]
+    out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
+    from evaclip_cli import atomic
+
+    atomic.check_output(out_dir, "folder")  # before the model loads, not after every set is evaluated
     loaded, rank, world, device = _model_and_dist(model, pretrained, eva_config, arch)
     console = Console(quiet=quiet or rank != 0)
     results, missing, failed, per_suite = [], [], [], []
@@ -462,8 +482,6 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
     out = {"model": str(model), "suite": "+".join(s["name"] for s in specs), "results": results, "missing": missing,
            "failed": failed, "aggregates": aggs, "paper": paper}
     if rank == 0:
-        out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
-        written = write_outputs(out, out_dir)
         for task in dict.fromkeys(r["task"] for r in results):
             print_results([r for r in results if r["task"] == task], f"{task.replace('_', ' ')}: {out['model']}")
         for k, v in aggs.items():
@@ -471,6 +489,10 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
             console.print(f"[bold]{k}[/bold]: {100 * v:.2f}{ref}")
         if missing:
             console.print(f"[yellow]not found under {root}[/yellow]: {', '.join(missing)}")
+        try:  # after the results are printed: a disk that filled since the start loses nothing on the screen
+            written = write_outputs(out, out_dir)
+        except OSError as e:
+            raise UserError(f"cannot write {out_dir}: {atomic.cannot(e, out_dir)}") from None
         console.print(f"wrote {', '.join(str(p) for p in written)}")
     return out
 

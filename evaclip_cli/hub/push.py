@@ -202,7 +202,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
              dtype: Optional[str] = None, eva_config=None, model=None, recipe=None,
              echo: Callable[[str], None] = print) -> dict:
     """Stage SRC, write the card, and upload everything in one commit (or, with ``dry_run``, write the folder)."""
-    from evaclip_cli.atomic import AtomicDir, output_lock
+    from evaclip_cli.atomic import AtomicDir, check_apart, check_output, output_lock
     from evaclip_cli.checkpoints.io import parse_size
     from evaclip_cli.eval.report import load_results
 
@@ -232,6 +232,9 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
     lock = None
     if dry_run:
         out = Path(out) if out else Path(f"{repo_id.split('/', 1)[1]}-push")
+        check_output(out, "any")  # before the staging (a conversion of tens of GB), not after
+        if Path(str(src)).exists():
+            check_apart(src, out, "stage")  # --force would replace the model being pushed
         lock = output_lock(out).acquire()  # two dry runs into one OUT: the second stops with one line
         if out.exists() and not force:
             raise UserError(f"{out} exists; pass --force to replace it (or --out DIR)")
