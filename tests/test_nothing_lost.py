@@ -199,3 +199,53 @@ def test_memory_fit_names_what_would_fit():
     assert sum(rank_bytes(off, 1, False)) > on_device
     assert memory_fit(off, 1, on_device, True, "free on cuda:0") is None
     assert memory_fit(off, 1, on_device, False, "of RAM") is not None
+
+
+# ------------------------------------------------------------------------------- --resume PATH into another run
+def _ckpts(root: Path, *steps: int) -> Path:
+    for s in steps:
+        (root / f"global_step{s}").mkdir(parents=True)
+    return root
+
+
+def test_resume_path_into_another_run_is_refused_and_elsewhere_or_own_is_allowed(tmp_path):
+    from evaclip_cli.engine.resume import find_resume
+    from evaclip_cli.errors import UserError
+
+    src = _ckpts(tmp_path / "a" / "checkpoints", 10, 20)
+    busy = _ckpts(tmp_path / "b" / "checkpoints", 30, 40)
+    for spec in (src / "global_step20", src, tmp_path / "a"):
+        with pytest.raises(UserError, match=r"already holds checkpoints of another run \(up to step 40\)") as e:
+            find_resume(str(spec), busy)
+        assert "\n" not in str(e.value) and "choose a new or empty --out" in str(e.value)
+    finished = tmp_path / "c"
+    (finished / "final").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"already holds a finished run \(final/\)"):
+        find_resume(str(src / "global_step10"), finished / "checkpoints")
+    # a new or empty --out, and the run's own checkpoints (an earlier step; through a symlink too)
+    assert find_resume(str(src / "global_step10"), tmp_path / "new" / "checkpoints") == (src, "global_step10")
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert find_resume(str(src), tmp_path / "empty" / "checkpoints") == (src, "global_step20")
+    assert find_resume(str(busy / "global_step30"), busy) == (busy, "global_step30")
+    (tmp_path / "link").symlink_to(tmp_path / "b", target_is_directory=True)
+    assert find_resume(str(tmp_path / "link" / "checkpoints" / "global_step30"), busy)[1] == "global_step30"
+
+
+@pytest.mark.slow
+def test_resume_of_another_runs_checkpoint_never_touches_a_finished_run(env, tmp_path):
+    from helpers.runs import train
+
+    args = ["--recipe", "tiny", "data.samples=320", "data.global_batch=32", "data.micro_batch=32",
+            "logging.checkpoint_every=5", "eval.every_steps=0"]
+    a = tmp_path / "a"
+    train(env, a, *args)
+    other = tmp_path / "other"
+    shutil.copytree(a / "checkpoints", other)
+    before = _digest(a)
+    before.pop("events.jsonl", None)  # the event log records the refusal: everything else is untouched
+    r = train(env, a, *args, "--resume", other / "global_step5", check=False, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"evaclip: error: --resume {other / 'global_step5'}: {a} already holds checkpoints of another run (up to "
+        f"step 10), which resuming another checkpoint there would replace; choose a new or empty --out, or --resume "
+        f"auto to continue {a}'s own run"], r.stderr[-3000:]
+    assert {k: v for k, v in _digest(a).items() if k != "events.jsonl"} == before

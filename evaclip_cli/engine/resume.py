@@ -128,7 +128,8 @@ def damage(tag_dir: Path) -> Optional[str]:
 
 def find_resume(spec: Optional[str], ckpt_dir: Path, log=None) -> Optional[tuple[Path, str]]:
     """(checkpoint root, tag) to resume from: ``auto`` = the newest whole checkpoint of the run, if any; a damaged
-    newer one is reported through ``log`` and passed over."""
+    newer one is reported through ``log`` and passed over. A path from elsewhere into a run folder (``ckpt_dir``'s
+    parent) that holds another run is refused (``refuse_foreign_resume``)."""
     if not spec:
         return None
     if spec == "auto":
@@ -150,6 +151,13 @@ def find_resume(spec: Optional[str], ckpt_dir: Path, log=None) -> Optional[tuple
                     f"{'resuming from ' + nxt if nxt else 'no whole checkpoint is left'}[/yellow]")
         raise UserError(f"{ckpt_dir}: every checkpoint is incomplete or damaged; start again with another --out, "
                         "or remove the run's checkpoints/ folder")
+    root, tag = _explicit_checkpoint(spec)
+    refuse_foreign_resume(spec, root, ckpt_dir)
+    return root, tag
+
+
+def _explicit_checkpoint(spec: str) -> tuple[Path, str]:
+    """``--resume PATH``: a ``global_stepN`` folder, a checkpoints folder (its newest) or a run folder (its newest)."""
     p = Path(spec)
     if not p.exists():
         raise UserError(f"--resume {spec}: no such checkpoint")
@@ -161,6 +169,25 @@ def find_resume(spec: Optional[str], ckpt_dir: Path, log=None) -> Optional[tuple
     if (p / "checkpoints").is_dir() and list_complete(p / "checkpoints"):
         return p / "checkpoints", list_complete(p / "checkpoints")[-1][1].name
     raise UserError(f"--resume {spec}: no complete checkpoint (global_step*/) there")
+
+
+def refuse_foreign_resume(spec: str, root: Path, ckpt_dir: Path) -> None:
+    """A checkpoint from elsewhere resumes only into a new or empty run folder (``ckpt_dir``'s parent): one that
+    holds another run's checkpoints or a finished ``final/`` would have them replaced and its metrics mixed. A
+    checkpoint of the run folder's own (``root`` under ``ckpt_dir``) always resumes."""
+    own, src = Path(ckpt_dir).resolve(), Path(root).resolve()
+    if src == own or own in src.parents:
+        return
+    run = Path(ckpt_dir).parent
+    held = list_complete(Path(ckpt_dir))
+    if held:
+        what = f"checkpoints of another run (up to step {held[-1][0]})"
+    elif (run / "final").exists():
+        what = "a finished run (final/)"
+    else:
+        return
+    raise UserError(f"--resume {spec}: {run} already holds {what}, which resuming another checkpoint there would "
+                    f"replace; choose a new or empty --out, or --resume auto to continue {run}'s own run")
 
 
 def read_client_state(tag_dir: Path) -> dict:
