@@ -50,7 +50,7 @@ def embed(
         "--text/--no-text", help="Text embeddings of the captions (default: if the input has captions).",
         show_default=False)] = None,
     tokens: Annotated[bool, typer.Option(
-        "--tokens", help="Also the image tower's last-layer patch tokens [rows, patches, width], the form VLMs "
+        "--tokens", help="Also the image tower's last-layer patch tokens \\[rows, patches, width], the form VLMs "
         "consume (img_tokens/).")] = False,
     dtype: Annotated[DType, typer.Option("--dtype", help="dtype of the written tensors.")] = DType.fp16,
     normalize: Annotated[bool, typer.Option(

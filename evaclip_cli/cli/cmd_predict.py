@@ -11,7 +11,7 @@ from evaclip_cli.cli.options import Arch, EvaConfig, Model, Precision, Precision
 
 
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files.", show_default=False)],
     model: Model,
     labels: Annotated[Optional[str], typer.Option(
         "--labels", "-l", help="Comma-separated labels, e.g. \"a dog,a cat\".")] = None,
