@@ -55,8 +55,9 @@ def embed(
     dtype: Annotated[DType, typer.Option("--dtype", help="dtype of the written tensors.")] = DType.fp16,
     normalize: Annotated[bool, typer.Option(
         "--normalize/--no-normalize", help="L2-normalise the embeddings (not the tokens).")] = True,
-    write_batch_size: Annotated[int, typer.Option(
-        "--write-batch-size", min=1, help="Rows per output shard (the unit of resume).")] = 100_000,
+    write_batch_size: Annotated[Optional[int], typer.Option(
+        "--write-batch-size", min=1, help="Rows per output shard, the unit of resume (default: 100,000; 1,000 with "
+        "--tokens).", show_default=False)] = None,
     path_col: Annotated[Optional[str], typer.Option(
         "--path-col", help="CSV/TSV: image path column (default: path, filepath, image, file, url...); relative "
         "to the table's folder.")] = None,
@@ -82,10 +83,10 @@ def embed(
                    image_keys=[k.strip().lower() for k in wds_image_key.split(";") if k.strip()]
                    if wds_image_key else None)
     with _output_lock(output):
-        if "LOCAL_RANK" not in os.environ:
-            prepare(job)  # bad input and a bad output are one line here, before any rank starts
+        # bad input and a bad output are one line here, before any rank starts (a rank prepares its own)
+        plan = prepare(job) if "LOCAL_RANK" not in os.environ else None
         with _data_parallel(ctx, nproc):
-            summary = run_embed(job)
+            summary = run_embed(job, plan)
     if summary is not None:
         print(describe(summary, output))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -31,6 +31,8 @@ from evaclip_cli.errors import UserError
 
 CONFIG = "embed_config.json"
 SUMMARY = "embed.json"
+ROWS_PER_SHARD = 100_000  # default --write-batch-size: 200 MB of fp16 1024-d embeddings
+ROWS_PER_SHARD_TOKENS = 1_000  # with --tokens: 0.8 GB of an 18B's fp16 patch tokens (256 x 1536 a row)
 PATH_COLUMNS = ("path", "filepath", "image_path", "image", "file", "filename", "url")
 CAPTION_COLUMNS = ("caption", "text", "title")
 
@@ -113,7 +115,7 @@ def _shard_paths(source: str) -> list[Path]:
 
 
 def _list_shards(source: str, image_keys: Optional[list], caption_key: str) -> Listing:
-    from evaclip_cli.data.benchmarks import WDS_IMG_EXTS, _index_shards
+    from evaclip_cli.data.benchmarks import WDS_IMG_EXTS, _index_shards, read_bytes
 
     samples, errors = _index_shards(_shard_paths(source))
     exts = image_keys or list(WDS_IMG_EXTS) + ["bmp"]
@@ -121,11 +123,7 @@ def _list_shards(source: str, image_keys: Optional[list], caption_key: str) -> L
     for key, parts in samples:
         img = next((parts[e] for e in exts if e in parts), None)
         cap = parts.get(caption_key)
-        caption = None
-        if cap is not None:
-            from evaclip_cli.data.benchmarks import read_bytes
-
-            caption = read_bytes(cap).decode("utf-8", errors="replace").strip()
+        caption = read_bytes(cap).decode("utf-8", errors="replace").strip() if cap is not None else None
         rows.append(Row(key, img, caption))
     if not rows:
         raise UserError(f"{source}: no samples in the shards" + (f" ({errors[0]})" if errors else ""))
@@ -198,7 +196,7 @@ class EmbedJob:
     tokens: bool = False
     dtype: str = "fp16"
     normalize: bool = True
-    write_batch_size: int = 100_000
+    write_batch_size: Optional[int] = None  # rows per output shard; None: ROWS_PER_SHARD(_TOKENS)
     batch_size: int = 256
     workers: Optional[int] = None
     precision: str = "auto"
@@ -219,10 +217,11 @@ class Plan:
     text: bool
     missing: int
     format: str
+    size: int  # rows per output shard
     shards: int
 
-    def shard_rows(self, s: int, size: int) -> range:
-        return range(s * size, min(len(self.rows), (s + 1) * size))
+    def shard_rows(self, s: int) -> range:
+        return range(s * self.size, min(len(self.rows), (s + 1) * self.size))
 
 
 def plan(job: EmbedJob) -> Plan:
@@ -244,8 +243,8 @@ def plan(job: EmbedJob) -> Plan:
     if not rows:
         raise UserError(f"{job.source}: no row has {'an image' if image else ''}{' and ' if image and text else ''}"
                         f"{'a caption' if text else ''}")
-    shards = -(-len(rows) // job.write_batch_size)
-    return Plan(rows, image, text, got.missing + len(got.rows) - len(rows), got.format, shards)
+    size = job.write_batch_size or (ROWS_PER_SHARD_TOKENS if job.tokens else ROWS_PER_SHARD)
+    return Plan(rows, image, text, got.missing + len(got.rows) - len(rows), got.format, size, -(-len(rows) // size))
 
 
 def _fingerprint(job: EmbedJob, p: Plan) -> dict:
@@ -255,10 +254,11 @@ def _fingerprint(job: EmbedJob, p: Plan) -> dict:
     from evaclip_cli.eval.prompts import fingerprint
 
     keys = hashlib.sha256("\n".join(r.key for r in p.rows).encode()).hexdigest()[:24]
-    return {"source": str(job.source), "format": p.format, "rows": len(p.rows), "keys": keys, "model": job.model,
+    return {"source": str(Path(job.source).resolve()), "format": p.format, "rows": len(p.rows), "keys": keys,
+            "model": job.model,
             "weights": fingerprint(job.model, f"{job.pretrained}|{job.eva_config}|{job.arch}"),
             "pretrained": job.pretrained, "image": p.image, "text": p.text, "tokens": job.tokens, "dtype": job.dtype,
-            "normalize": job.normalize, "write_batch_size": job.write_batch_size, "precision": job.precision}
+            "normalize": job.normalize, "write_batch_size": p.size, "precision": job.precision}
 
 
 # ------------------------------------------------------------------------------------------------ the output
@@ -437,10 +437,10 @@ def _batches(ctx: _Ctx, shards: list) -> Iterator[tuple]:
     from evaclip_cli.eval.adapters import collate
     from evaclip_cli.eval.runner import default_workers
 
-    size, bs = ctx.job.write_batch_size, ctx.job.batch_size
+    bs = ctx.job.batch_size
     sampler = []
     for s in shards:
-        r = ctx.plan.shard_rows(s, size)
+        r = ctx.plan.shard_rows(s)
         sampler += [list(r[k:k + bs]) for k in range(0, len(r), bs)]
     workers = default_workers() if ctx.job.workers is None else ctx.job.workers
     loader = torch.utils.data.DataLoader(_Images(ctx.plan.rows, ctx.loaded.transform()), batch_sampler=sampler,
@@ -449,14 +449,15 @@ def _batches(ctx: _Ctx, shards: list) -> Iterator[tuple]:
     yield from loader
 
 
-def _embed_shard(ctx: _Ctx, s: int, images: Optional[Iterator]) -> tuple[list, dict, int]:
-    """(rows kept, {"image", "text", "tokens"}: tensors, rows skipped) of output shard ``s``."""
+def _embed_shard(ctx: _Ctx, s: int, images: Optional[Iterator], progress: Any) -> tuple[list, dict, int]:
+    """(rows kept, {"image", "text", "tokens"}: tensors, rows skipped) of output shard ``s``; ``progress(n)`` after
+    each batch of ``n`` rows."""
     import torch
 
     from evaclip_cli.eval.prompts import text_encoder
     from evaclip_cli.eval.tokenize import fast_tokenizer
 
-    r = ctx.plan.shard_rows(s, ctx.job.write_batch_size)
+    r = ctx.plan.shard_rows(s)
     bs, model = ctx.job.batch_size, ctx.loaded.model
     parts: dict = {"image": [], "text": [], "tokens": []}
     kept: list = []
@@ -479,6 +480,7 @@ def _embed_shard(ctx: _Ctx, s: int, images: Optional[Iterator]) -> tuple[list, d
             with ctx.autocast():
                 e = text_encoder(model)(tokens)
             parts["text"].append(_finish_emb(e, ctx.job.normalize, ctx.dtype))
+        progress(min(bs, len(r) - start))
     out = {k: torch.cat(v) for k, v in parts.items() if v}
     for k, on in (("image", ctx.plan.image), ("text", ctx.plan.text), ("tokens", ctx.job.tokens)):
         if on and k not in out:  # a shard whose every image was unreadable: an empty tensor of the right width
@@ -521,16 +523,18 @@ class _Report:
     def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
 
+    def __call__(self, n: int) -> None:
+        self.bar(n)
+
     def shard(self, s: int, rows: int, skipped: int) -> None:
         self.written += 1
-        self.bar(rows + skipped)
         if not self.tty:
             extra = f", {skipped} skipped" if skipped else ""
             print(f"{self.who}shard {s:05d} written ({rows:,} rows{extra}); {self.written} of "
                   f"{self.shards}", flush=True)
 
 
-def run_embed(job: EmbedJob) -> Optional[dict]:
+def run_embed(job: EmbedJob, p: Optional[Plan] = None) -> Optional[dict]:
     """Embed every unfinished shard of this rank (``RANK`` of ``WORLD_SIZE``, taken in turn), then (rank 0, after
     every rank is done) write ``embed.json`` and print the totals. Returns the summary on rank 0."""
     import torch
@@ -539,7 +543,7 @@ def run_embed(job: EmbedJob) -> Optional[dict]:
     from evaclip_cli.engine.dist import barrier
     from evaclip_cli.eval.runner import autocast, import_open_clip_lean, resolve_precision, setup_dist
 
-    p = prepare(job)
+    p = prepare(job) if p is None else p
     out = Path(job.output)
     pending = [s for s in range(p.shards) if not done(out, s, p, job.tokens)]
     import_open_clip_lean(job.model, job.pretrained)
@@ -552,11 +556,11 @@ def run_embed(job: EmbedJob) -> Optional[dict]:
             token_tower(loaded.model)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
         ctx = _Ctx(loaded, device, dtype, autocast(device, resolve_precision(job.precision, device)), job, p)
-        total = sum(len(p.shard_rows(s, job.write_batch_size)) for s in mine)
+        total = sum(len(p.shard_rows(s)) for s in mine)
         with torch.no_grad(), _Report(total, len(mine), rank, world) as report:
             images = iter(_batches(ctx, mine)) if p.image else None
             for s in mine:
-                rows, emb, skipped = _embed_shard(ctx, s, images)
+                rows, emb, skipped = _embed_shard(ctx, s, images, report)
                 write_shard(out, s, p, rows, emb)
                 report.shard(s, len(rows), skipped)
     barrier()
@@ -572,10 +576,9 @@ def summarize(job: EmbedJob, p: Plan, written: int) -> dict:
     for s in range(p.shards):
         with open(out / "metadata" / f"metadata_{s:05d}.jsonl", encoding="utf-8") as fh:
             rows += sum(1 for _ in fh)
-    summary = {"rows": rows, "skipped": len(p.rows) - rows + p.missing, "shards": p.shards,
-               "written_now": written, **{k: v for k, v in asdict(job).items() if k in (
-                   "model", "dtype", "normalize", "tokens", "write_batch_size")},
-               "source": str(job.source), "format": p.format, "image": p.image, "text": p.text,
+    summary = {"rows": rows, "skipped": len(p.rows) - rows + p.missing, "shards": p.shards, "written_now": written,
+               "source": str(job.source), "format": p.format, "model": job.model, "image": p.image, "text": p.text,
+               "tokens": job.tokens, "dtype": job.dtype, "normalize": job.normalize, "write_batch_size": p.size,
                "folders": [f for f, on in (("img_emb", p.image), ("text_emb", p.text), ("img_tokens", job.tokens),
                                            ("metadata", True)) if on]}
     atomic.write_json(out / SUMMARY, summary)
