@@ -238,6 +238,14 @@ def test_bad_input_and_output_one_line(tiny_clip_folder, data, tmp_path, capsys)
         ([*base, "-o", tmp_path / "o3", "--no-image", "--no-text"], "nothing to embed"),
         ([*base, "-o", tmp_path / "o4", "--no-image", "--tokens"], "--tokens needs the image tower"),
     ]
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttps://example.com/a.jpg,a cat\n")
+    cases.append((["embed", urls, "-m", tiny_clip_folder, "-o", tmp_path / "o6"], "is a URL"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not a png")
+    cases.append((["embed", junk, "-m", tiny_clip_folder, "-o", tmp_path / "o7", "--workers", "0"],
+                  "none of the 1 rows could be read"))
     for args, msg in cases:
         code, _, err = run_cli(args, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)

@@ -34,11 +34,10 @@ def predict(
     """Zero-shot classification of a few images against your labels: each image's labels ranked, with
     probabilities softmax(logit_scale · image · label), label embeddings built from prompt templates as in
     `evaclip eval zeroshot`."""
-    from evaclip_cli.eval.predict import check_images, parse_labels, predict, print_predictions, resolve_templates
+    from evaclip_cli.eval.predict import parse_labels, predict, print_predictions, resolve_templates
 
     names = parse_labels(labels, labels_file)
     tpls = resolve_templates(template, templates)
-    check_images(images)
     result = predict(model, images, names, tpls, pretrained=pretrained, eva_config=eva_config, arch=arch,
                      precision=precision.value, batch_size=batch_size)
     if as_json:

@@ -161,6 +161,9 @@ def _list_table(path: Path, path_col: Optional[str], caption_col: Optional[str])
             missing += 1
             continue
         key = r[pi].strip() if pi is not None else f"row{n}"
+        if key.startswith(("http://", "https://")):
+            raise UserError(f"{path}:{n}: {key[:80]} is a URL; evaclip embed reads local files (download them first, "
+                            "e.g. with img2dataset, and give the files or shards)")
         image = (path.parent / key) if pi is not None and key else None
         rows.append(Row(key, image, r[ci] if ci is not None else None))
     if not rows:
@@ -564,7 +567,13 @@ def run_embed(job: EmbedJob, p: Optional[Plan] = None) -> Optional[dict]:
                 write_shard(out, s, p, rows, emb)
                 report.shard(s, len(rows), skipped)
     barrier()
-    return summarize(job, p, len(pending)) if rank == 0 else None
+    if rank != 0:
+        return None
+    summary = summarize(job, p, len(pending))
+    if summary["rows"] == 0:
+        raise UserError(f"{job.source}: none of the {len(p.rows):,} rows could be read (unreadable or missing images); "
+                        "check the files and their paths")
+    return summary
 
 
 def summarize(job: EmbedJob, p: Plan, written: int) -> dict:
