@@ -27,7 +27,11 @@ Model states (bytes per trainable parameter; ZeRO paper, Rajbhandari et al. 2020
     smaller: 4 bytes each). The gather and the flattened gradients live only during a block's compute or the
     optimizer step; the bucket for the whole run. bench/scale_rehearsal.py measures all of them.
     ``offload_optimizer`` (ZeRO >= 1) moves the optimizer states, ``offload_param`` (ZeRO-3) the weights, to CPU.
-    A frozen teacher is replicated on every GPU at ``distill.teacher_precision``.
+    A frozen teacher is replicated on every GPU at ``distill.teacher_precision``. Parameters frozen by
+    ``model.lock`` (fine-tuning, LiT) are module weights only: DeepSpeed leaves parameters outside the optimizer's
+    groups out of its flat fp32 partitions, moments and gradient buckets at every stage; ZeRO-3 still partitions
+    their 16-bit weights (and gathers a frozen block to compute it). A frozen block stores no activations and
+    costs one forward.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models")
     Their per-layer 16-bit count is ``s*b*h*(34 + 5*a*s/h)`` bytes for an MLP of 4h with dropout. Generalised to
@@ -95,14 +99,16 @@ PEAK_LABEL = {"bf16": "bf16 dense", "fp16": "fp16 dense", "fp32": "tf32 dense"}
 
 # ------------------------------------------------------------------------------------------- model structure
 @functools.lru_cache(maxsize=16)
-def _model_counts(spec_json: str) -> dict:
-    """Exact counts from the CLIP built on the meta device: tower totals, matmul weights, largest block."""
+def _model_counts(spec_json: str, lock_json: str = "") -> dict:
+    """Exact counts from the CLIP built on the meta device: tower totals, matmul weights, largest block; with a
+    ``model.lock`` (JSON), the parameters it freezes and the blocks of each tower that still train."""
     from evaclip_cli.models.clip import build_clip, tower_params
     from evaclip_cli.models.specs import ClipSpec
 
     spec = ClipSpec.model_validate_json(spec_json)
     model = build_clip(spec, device="meta")
     out = dict(tower_params(model))
+    out.update(_locked_counts(model, lock_json, spec))
     c = dict(vision_trunk=0, vision_head=0, vision_block_matmul=0, vision_patch_matmul=0, vision_head_matmul=0,
              text_block_matmul=0, text_proj_matmul=0)
     blocks: dict[tuple, int] = {}
@@ -133,6 +139,39 @@ def _model_counts(spec_json: str) -> dict:
     out["vision_block_max"] = max((v for (t, _), v in blocks.items() if t == "vision"), default=0)
     out["text_block_max"] = max((v for (t, _), v in blocks.items() if t == "text"), default=0)
     return out
+
+
+def _locked_counts(model, lock_json: str, spec) -> dict:
+    """Frozen parameters under ``model.lock`` (open_clip's lock applied to the meta model) and the blocks of each
+    tower with a trained parameter."""
+    out = {"frozen": 0, "vision_trained_blocks": spec.vision.depth, "text_trained_blocks": spec.text.layers}
+    if not lock_json:
+        return out
+    from evaclip_cli.models.clip import lock_towers
+    from evaclip_cli.recipes import LockSection
+
+    out["frozen"] = lock_towers(model, LockSection.model_validate_json(lock_json))["frozen"]
+    for tower, blocks in (("vision", model.visual.trunk.blocks), ("text", model.text.transformer.resblocks)):
+        out[f"{tower}_trained_blocks"] = sum(any(p.requires_grad for p in b.parameters()) for b in blocks)
+    return out
+
+
+def _split_locked(t: "_Tower", trained_layers: int) -> list["_Tower"]:
+    """A tower whose lower blocks are frozen (``model.lock``) as its frozen part (forward only, no stored
+    activations, 16-bit weights) under it and its trained part; the patch embedding is below, the head above."""
+    import dataclasses
+
+    if trained_layers >= t.layers:
+        return [t]
+    per_block = t.block_matmul / t.layers
+    low, high = t.extra[:1] if t.name == "vision" else (), t.extra[1:] if t.name == "vision" else t.extra
+    frozen = dataclasses.replace(t, name=f"{t.name} (frozen)", layers=t.layers - trained_layers,
+                                 block_matmul=int(per_block * (t.layers - trained_layers)), extra=tuple(low),
+                                 trained=False)
+    if not trained_layers:
+        return [dataclasses.replace(frozen, extra=tuple(low) + tuple(high))]
+    return [frozen, dataclasses.replace(t, layers=trained_layers, block_matmul=int(per_block * trained_layers),
+                                        extra=tuple(high))]
 
 
 @dataclass
@@ -272,11 +311,16 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
         def loss_bytes(bb: float) -> float:
             return e * bb * (patches + masked) * te
     else:
+        lock = recipe.model.lock
+        if lock.image or lock.text:  # frozen towers (fine-tuning, LiT): weights only, forward only
+            counts = _model_counts(spec.model_dump_json(), lock.model_dump_json())
+        locked = counts["frozen"]
         params = dict(vision=counts["vision"], text=counts["text"], other=counts["other"], mim_head=0,
-                      teacher_vision=0, trainable=counts["total"], frozen=0, total=counts["total"])
+                      teacher_vision=0, trainable=counts["total"] - locked, frozen=locked, total=counts["total"])
         towers = [
-            _vision_tower("vision", spec, counts, s_img, patches, 1, per_sample, True),
-            _text_tower(spec, counts, s_txt),
+            *_split_locked(_vision_tower("vision", spec, counts, s_img, patches, 1, per_sample, True),
+                           counts["vision_trained_blocks"]),
+            *_split_locked(_text_tower(spec, counts, s_txt), counts["text_trained_blocks"]),
         ]
         frozen_bytes = 0
         E = spec.embed_dim
@@ -304,7 +348,10 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
 
     # ---- model states per ZeRO stage ----------------------------------------------------------------------
     P = params["trainable"]
-    largest_block = max(t.block_max for t in trained)
+    # parameters frozen by model.lock: 16-bit weights (ZeRO-3: partitioned like the rest), no grads, no optimizer
+    locked = params["frozen"] if not distill else 0
+    largest_block = max((t.block_max for t in trained), default=0)
+    frozen_block = max((t.block_max for t in towers if not t.trained), default=0) if not distill else 0
     usable = USABLE_FRACTION * card.memory_gib * GiB
     off_opt, off_param = recipe.deepspeed.offload_optimizer, recipe.deepspeed.offload_param
 
@@ -313,7 +360,7 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
                                                                                                1e9)))
 
     def states(stage: int) -> dict:
-        weights = wb * P / (n_gpus if stage >= 3 else 1)
+        weights = wb * (P + locked) / (n_gpus if stage >= 3 else 1)
         grads = gb * P / (n_gpus if stage >= 2 else 1)
         own_master = precision == "fp32" and stage >= 1  # DeepSpeed's optimizer clones the fp32 partition
         optim = (ob + (4 if own_master else 0)) * P / (n_gpus if stage >= 1 else 1)
@@ -324,7 +371,7 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
         if off_param and stage == 3:
             weights = 0.0
             offloaded.append("weights")
-        gather = (wb + gb) * largest_block if stage == 3 else 0
+        gather = max((wb + gb) * largest_block, wb * frozen_block) if stage == 3 else 0
         bucket = gb * min(bucket_elems, P) if stage >= 1 else 0
         step_grads = 4 * min(sub_group_elems, P / n_gpus) if stage == 3 else 0
         buffers = gather + bucket + step_grads
@@ -464,6 +511,8 @@ def _render(r: dict) -> None:
                  ("teacher vision (frozen: weights only)", p["teacher_vision"])]
     else:
         rows += [("text tower", p["text"]), ("other (logit_scale)", p["other"])]
+    if r["stage"] != "distill" and p["frozen"]:
+        rows += [("frozen by model.lock (weights only)", p["frozen"])]
     rows += [("trainable", p["trainable"]), ("total", p["total"])]
     for name, n in rows:
         t.add_row(name, f"{n:,}", f"{n / 1e9:.3f}")

@@ -41,6 +41,7 @@ class VisionOverrides(_Section):
     subln: Optional[bool] = None
     rope_ref_size: Optional[int] = None
     head_bias: Optional[bool] = None
+    norm_eps: Optional[float] = None
     drop_path: float = 0.0
 
 
@@ -50,6 +51,20 @@ class TextOverrides(_Section):
     layers: Optional[int] = None
     context_length: Optional[int] = None
     vocab_size: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    norm_eps: Optional[float] = None
+
+
+class LockSection(_Section):
+    """Frozen towers, open_clip_train's ``--lock-image*`` / ``--lock-text*`` (LiT: ``image = true``). Frozen parameters
+    get no gradients and no optimizer state (``models.clip.lock_towers``)."""
+
+    image: bool = False  # freeze the image trunk (open_clip: the projection head stays trained)
+    image_unlocked_groups: int = Field(0, ge=0)  # leave the last N groups trained (1: last block + final norm)
+    image_freeze_bn_stats: bool = False  # BatchNorm statistics of frozen groups (EVA towers have none)
+    text: bool = False  # freeze the text tower (embeddings, blocks, final norm, projection)
+    text_unlocked_layers: int = Field(0, ge=0)  # leave the last N groups trained (1: projection, 2: + last block)
+    text_freeze_layer_norm: bool = True  # false: the LayerNorms of frozen text layers stay trained
 
 
 class ModelSection(_Section):
@@ -58,6 +73,7 @@ class ModelSection(_Section):
     vision: VisionOverrides = Field(default_factory=VisionOverrides)
     text: TextOverrides = Field(default_factory=TextOverrides)
     grad_checkpointing: bool = False
+    lock: LockSection = Field(default_factory=LockSection)
 
     def spec(self) -> ClipSpec:
         base = resolve_arch(self.arch)
@@ -74,8 +90,9 @@ class InitSection(_Section):
     vision: Optional[str] = None  # distilled student (MIM layout) or evaclip/open_clip checkpoint
     text: Optional[str] = None  # EVA .pt or open_clip folder whose text tower initialises ours
     text_arch: Optional[str] = None  # released name for an EVA .pt without config (e.g. EVA02-CLIP-bigE-14-plus)
-    # a whole CLIP to continue from (both towers, projections, logit_scale): a `train` run folder, its final/
-    # open_clip folder or a DeepSpeed checkpoint folder; the video stage starts here
+    # a whole CLIP to continue from (both towers, projections, logit_scale): a released name (EVA-CLIP-8B), an
+    # hf-hub: source, a `train` run folder, an open_clip folder or a DeepSpeed checkpoint folder; the model section
+    # is taken from it (fine-tuning, the video stage)
     clip: Optional[str] = None
     skip: list[str] = Field(default_factory=lambda: ["head", "lm_head", "mask_token", "rope", "fc_norm"])
 
@@ -336,6 +353,21 @@ class Recipe(_Section):
     guard: GuardSection = Field(default_factory=GuardSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_init_clip(cls, raw):
+        """A whole CLIP to start from (``init.clip``) sets the model section: its shapes, not hand-written ones."""
+        if not isinstance(raw, dict) or raw.get("stage", "train") == "distill" \
+                or not isinstance(raw.get("model", {}), dict):
+            return raw
+        src = (raw.get("init") or {}).get("clip") if isinstance(raw.get("init"), dict) else None
+        if not src or not isinstance(src, str):
+            return raw
+        spec = init_clip_spec(src)
+        if spec is None:  # a Hub source or a folder not there yet: the stage reads it at start (with_source_model)
+            return raw
+        return {**raw, "model": model_from_spec(raw.get("model") or {}, spec, src)}
+
     @model_validator(mode="after")
     def _check(self):
         spec = self.model.spec()
@@ -352,9 +384,9 @@ class Recipe(_Section):
             raise ValueError("tokens.image.method = 'resize' needs tokens.image.image_size")
         if img.method == "resize" and img.image_size % v.patch_size:
             raise ValueError(f"tokens.image.image_size {img.image_size} is not a multiple of patch_size {v.patch_size}")
-        if self.init.clip and self.stage != "video":
-            raise ValueError("init.clip (a whole CLIP to continue from) is read by the video stage; a train recipe "
-                             "takes init.vision / init.text")
+        if self.init.clip and self.stage == "distill":
+            raise ValueError("init.clip (a whole CLIP to continue from) is read by the train and video stages; "
+                             "distill takes init.vision")
         if self.tokens.text.method != "none" and not self.tokens.text.length:
             raise ValueError(f"tokens.text.method = '{self.tokens.text.method}' needs tokens.text.length")
         return self
@@ -387,6 +419,78 @@ class Recipe(_Section):
 
     def out_dir(self) -> Path:
         return Path(self.logging.out_dir.format(name=self.name))
+
+
+# ================================================================================================ init.clip
+#: model keys a fine-tune may set beside init.clip (the position embedding is resampled to another image size)
+_FREE_KEYS = {"image_size", "drop_path"}
+
+
+def init_clip_spec(src: str) -> Optional[ClipSpec]:
+    """The model of ``init.clip`` when it is known without downloading anything: a released name (its row of
+    ``models.specs.RELEASED``), a local open_clip folder, an evaclip run folder or its checkpoints (the run's
+    recipe). None for a Hub source or a path that is not there yet: the stage reads those at start."""
+    import json
+
+    from evaclip_cli.models.specs import RELEASED, spec_from_open_clip_cfg
+
+    if src in RELEASED:
+        rel = RELEASED[src]
+        if rel.layout == "mim":
+            raise ValueError(f"init.clip = '{src}' is a vision-only MIM encoder; init.clip needs a whole CLIP (e.g. "
+                             f"'{src.replace('EVA-', 'EVA-CLIP-')}'); use init.vision for a vision tower")
+        return rel.spec()
+    p = Path(src).expanduser()
+    for cfg in (p / "open_clip_config.json", p / "final" / "open_clip_config.json"):
+        if cfg.is_file():
+            try:
+                return spec_from_open_clip_cfg(json.loads(cfg.read_text()))
+            except (UserError, KeyError, TypeError, ValueError, OSError) as e:
+                raise ValueError(f"init.clip: {cfg}: not an EVA-CLIP open_clip config ({e})") from None
+    runs = [p]
+    if p.name == "checkpoints" or p.name.startswith("global_step"):
+        runs += [p.parent, p.parent.parent]
+    for run in runs:
+        if (run / "evaclip_recipe.toml").is_file():
+            return load_recipe(str(run / "evaclip_recipe.toml")).recipe.spec()
+    return None
+
+
+def model_from_spec(model: dict, spec: ClipSpec, src: str) -> dict:
+    """The recipe's ``model`` section (raw) with every shape of ``spec`` written out; a shape the recipe sets to
+    something else is refused (``model.vision.image_size``, ``drop_path`` and the non-shape keys stay the recipe's)."""
+    from evaclip_cli.models.specs import ARCHS, RELEASED
+
+    out = copy.deepcopy(model)
+    for part, want in (("vision", spec.vision.model_dump()), ("text", spec.text.model_dump())):
+        given = dict(out.get(part) or {})
+        for key, value in want.items():
+            if key in _FREE_KEYS and given.get(key) is not None:
+                continue
+            if given.get(key) is not None and given[key] != value:
+                raise ValueError(f"model.{part}.{key} = {given[key]!r}, but init.clip ({src}) has {value!r}: the "
+                                 f"model's shapes come from init.clip; remove model.{part}.{key}")
+            given[key] = value
+        out[part] = given
+    if out.get("embed_dim") is not None and out["embed_dim"] != spec.embed_dim:
+        raise ValueError(f"model.embed_dim = {out['embed_dim']!r}, but init.clip ({src}) has {spec.embed_dim}: the "
+                         "model's shapes come from init.clip; remove model.embed_dim")
+    out["embed_dim"] = spec.embed_dim
+    named = [k for k, a in ARCHS.items() if a.vision == spec.vision and a.text == spec.text]
+    out["arch"] = src if src in RELEASED else named[0] if named else out.get("arch", "tiny")
+    return out
+
+
+def with_source_model(recipe: Recipe, spec: ClipSpec) -> Recipe:
+    """``recipe`` with its model section taken from ``spec`` (``init.clip`` read by the stage: a Hub source)."""
+    raw = recipe.model_dump(mode="json", exclude_none=True)
+    try:
+        raw["model"] = model_from_spec(raw["model"], spec, str(recipe.init.clip))
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_explain(err, {}, "init.clip")) from None
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 # ====================================================================================================== loading

@@ -17,6 +17,8 @@ EXPECTED = {
     "tiny-student": 4_167_937,  # the student arch as a CLIP (distill uses its vision tower)
     "video-18b": REFERENCE_PARAMS["18b"],
     "video-tiny": 3_684_225,  # the tiny CLIP, continued on video
+    "finetune-8b": REFERENCE_PARAMS["8b"],  # the released EVA-CLIP-8B (init.clip), its model from the table
+    "finetune-tiny": 3_684_225,  # the tiny CLIP from `evaclip train --recipe tiny`
     "tiny": 3_684_225,
     "clipa-h14": 986_067_201,
     "clipa-h14-ft224": 986_067_201,

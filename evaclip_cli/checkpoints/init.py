@@ -149,3 +149,23 @@ class _Shape:
 
     def to(self, *a, **k):
         return self
+
+
+def clip_source_spec(src: str):
+    """The architecture of a whole-CLIP source (``init.clip``): a released name from its table row (nothing fetched),
+    else the source resolved (a Hub source fetched into huggingface_hub's cache) and its own config read (open_clip
+    folder, BAAI's HF folder, a run folder or DeepSpeed checkpoint through its recipe)."""
+    from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
+    from evaclip_cli.checkpoints.hub_source import resolve_path
+    from evaclip_cli.checkpoints.load import _run_source
+    from evaclip_cli.models.specs import RELEASED
+
+    if src in RELEASED and RELEASED[src].layout != "mim":
+        return RELEASED[src].spec()
+    path, arch = resolve_path(src)
+    if not path.exists():
+        raise UserError(f"init.clip: {src}: no such file or folder (give a `train` run folder, an open_clip folder, "
+                        "a DeepSpeed checkpoint, a released name such as EVA-CLIP-8B, or hf-hub:OWNER/NAME)")
+    if path.is_dir():
+        path = _run_source(path)
+    return resolve_spec(path, detect_format(path, "auto"), None, arch, None)

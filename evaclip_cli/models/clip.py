@@ -116,3 +116,30 @@ def build_visual(spec: ClipSpec):
 
     cfg = open_clip_model_cfg(spec)
     return oc_model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
+
+
+def lock_towers(model, lock) -> dict:
+    """Freeze towers as open_clip_train's ``--lock-image*`` / ``--lock-text*`` do, through open_clip's own
+    ``lock_image_tower`` / ``lock_text_tower`` (``lock`` is the recipe's ``model.lock``): frozen parameters have
+    ``requires_grad`` False, so the engine gives them no gradients and no optimizer state. ``text_freeze_layer_norm``
+    false leaves the LayerNorms of the frozen text layers trained (open_clip asserts it true). Works on ZeRO-3
+    partitioned models (names and flags only). Returns {"frozen": n, "trained": n} parameters (full sizes)."""
+    import warnings
+
+    from torch import nn
+
+    if lock.image:
+        with warnings.catch_warnings():  # open_clip imports timm.models.helpers (deprecated) for a partial lock
+            warnings.simplefilter("ignore", FutureWarning)
+            model.lock_image_tower(unlocked_groups=lock.image_unlocked_groups,
+                                   freeze_bn_stats=lock.image_freeze_bn_stats)
+    if lock.text:
+        model.lock_text_tower(unlocked_layers=lock.text_unlocked_layers, freeze_layer_norm=True)
+        if not lock.text_freeze_layer_norm:
+            for m in model.text.modules():
+                if isinstance(m, nn.LayerNorm):
+                    for p in m.parameters():
+                        p.requires_grad = True
+    frozen = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"frozen": frozen, "trained": count_params(model) - frozen}
+

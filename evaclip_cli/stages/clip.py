@@ -43,6 +43,16 @@ class ClipStage(LoaderStage):
                   f" on each of {ctx.info.world_size} process(es))")
         init_from_recipe(model, r.init, separate_qkv=not self.spec.vision.qkv_fused, is_main=ctx.info.is_main,
                          zero3=zero3, log=ctx.print)
+        if r.init.clip:
+            init_clip(model, r.init.clip, separate_qkv=not self.spec.vision.qkv_fused, is_main=ctx.info.is_main,
+                      zero3=zero3, log=ctx.print)
+        lock = r.model.lock
+        if lock.image or lock.text:
+            from evaclip_cli.models.clip import lock_towers
+
+            n = lock_towers(model, lock)
+            ctx.print(f"locked towers: {n['frozen']:,} parameters frozen (no gradients, no optimizer state), "
+                      f"{n['trained']:,} trained")
         if r.model.vision.drop_path:
             from timm.layers import DropPath
 
@@ -207,9 +217,37 @@ class ClipStage(LoaderStage):
         dist.barrier()
 
 
+def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, log=print) -> None:
+    """Every parameter of the CLIP (towers, projections, logit_scale) from a whole-CLIP checkpoint (a released name,
+    an hf-hub: source, a `train` run folder, an open_clip folder, a DeepSpeed checkpoint folder, an EVA .pt). Works
+    under ZeRO-3 like init.vision."""
+    from evaclip_cli.checkpoints.init import _Shape, load_into, read_any
+
+    state = read_any(src, separate_qkv) if is_main or not zero3 else {}
+    if zero3:
+        from evaclip_cli.engine.dist import all_gather_object
+
+        meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if is_main else None)[0]
+        if not is_main:
+            state = {k: _Shape(s) for k, s in meta.items()}
+    if is_main and not any(k.startswith("text.") or k.startswith("transformer.") for k in state):
+        raise UserError(f"{src}: a vision-only checkpoint; init.clip needs a whole CLIP (a `train` output); use "
+                        "init.vision for a vision tower")
+    res = load_into(model, state, "", [], str(src), is_main, zero3)
+    missing = f", {len(res['missing'])} not in the checkpoint (kept at init, first: {res['missing'][0]})" \
+        if res["missing"] else ""
+    log(f"init clip from {src}: {res['loaded']} tensors loaded{missing}")
+
+
 def prepare_recipe(recipe):
     """The model trains at the reduced resolution when CLIPA's resize reduction is on: make the recipe's model say
-    so, so that checkpoints, exports and estimates describe the model that actually trained."""
+    so, so that checkpoints, exports and estimates describe the model that actually trained. A whole CLIP to start
+    from (``init.clip``) that the recipe could not read without fetching it (a Hub source) sets the model here."""
+    if recipe.init.clip and recipe.stage != "distill":
+        from evaclip_cli.checkpoints.init import clip_source_spec
+        from evaclip_cli.recipes import with_source_model
+
+        recipe = with_source_model(recipe, clip_source_spec(recipe.init.clip))
     if recipe.tokens.image.method == "resize":
         size = recipe.tokens.image.image_size
         model = recipe.model.model_copy(update={"vision": recipe.model.vision.model_copy(update={"image_size": size})})

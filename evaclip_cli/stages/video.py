@@ -27,12 +27,8 @@ class VideoStage(ClipStage):
     name = "video"
 
     def build_model(self, ctx):
-        model = super().build_model(ctx)
-        if self.recipe.init.clip:
-            init_clip(model, self.recipe.init.clip, separate_qkv=not self.spec.vision.qkv_fused,
-                      is_main=ctx.info.is_main, zero3=self.recipe.deepspeed.zero_stage == 3 and ctx.zero_init,
-                      log=ctx.print)
-        else:
+        model = super().build_model(ctx)  # init.clip read there
+        if not self.recipe.init.clip:
             ctx.print("[yellow]note:[/yellow] init.clip is not set: the video stage starts from random weights "
                       "(set init.clip to a `train` run folder)")
         return model
@@ -81,27 +77,6 @@ class VideoStage(ClipStage):
     def video_frames(self) -> int:
         """Video eval sets are read as the stage trains: ``video.frames`` segment centres per clip."""
         return self.recipe.video.frames
-
-
-def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, log=print) -> None:
-    """Every parameter of the CLIP (towers, projections, logit_scale) from a whole-CLIP checkpoint (a `train` run
-    folder, an open_clip folder, a DeepSpeed checkpoint folder, an EVA .pt). Works under ZeRO-3 like init.vision."""
-    from evaclip_cli.checkpoints.init import _Shape, load_into, read_any
-
-    state = read_any(src, separate_qkv) if is_main or not zero3 else {}
-    if zero3:
-        from evaclip_cli.engine.dist import all_gather_object
-
-        meta = all_gather_object({k: tuple(v.shape) for k, v in state.items()} if is_main else None)[0]
-        if not is_main:
-            state = {k: _Shape(s) for k, s in meta.items()}
-    if is_main and not any(k.startswith("text.") or k.startswith("transformer.") for k in state):
-        raise UserError(f"{src}: a vision-only checkpoint; init.clip needs a whole CLIP (a `train` output); use "
-                        "init.vision for a vision tower")
-    res = load_into(model, state, "", [], str(src), is_main, zero3)
-    missing = f", {len(res['missing'])} not in the checkpoint (kept at init, first: {res['missing'][0]})" \
-        if res["missing"] else ""
-    log(f"init clip from {src}: {res['loaded']} tensors loaded{missing}")
 
 
 def run_finetune_video(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None,
