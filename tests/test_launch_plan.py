@@ -98,9 +98,10 @@ def test_hostfile_starts_deepspeed_launcher(tmp_path):
     hf.write_text("node1 slots=8\nnode2 slots=8\n")
     argv = ["train", "--recipe", "18b", "--hostfile", str(hf), "--nproc", "8", "--master-addr", "node1"]
     p = make(argv, recipe="18b", hostfile=hf, nproc=8, master_addr="node1", port=no_port)
-    assert p == DeepSpeedLauncher(("deepspeed", "--hostfile", str(hf), "--no_local_rank", "--num_gpus", "8",
-                                   "--master_addr", "node1", "--module", "evaclip_cli.cli", "train", "--recipe",
-                                   "18b"))
+    assert p.command == DeepSpeedLauncher(("deepspeed", "--hostfile", str(hf), "--no_local_rank", "--num_gpus", "8",
+                                           "--master_addr", "node1", "--module", "evaclip_cli.cli", "train",
+                                           "--recipe", "18b")).command
+    assert p.stop_signals == ("SIGTERM", "SIGUSR1") and p.out_dir is not None
 
 
 def test_launcher_deepspeed_defaults_to_a_hostfile_named_hostfile(tmp_path, monkeypatch):

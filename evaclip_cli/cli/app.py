@@ -26,7 +26,7 @@ from evaclip_cli.cli import (
     cmd_train,
 )
 from evaclip_cli.cli.invocation import RootGroup, is_rank0
-from evaclip_cli.errors import StopRequested, TrainingStopped, UserError
+from evaclip_cli.errors import Interrupted, StopRequested, TrainingStopped, UserError
 
 app = typer.Typer(
     name="evaclip",
@@ -100,13 +100,16 @@ def main(argv: Optional[list] = None) -> int:
             print(f"evaclip: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("evaclip: interrupted", file=sys.stderr)
+        if "LOCAL_RANK" not in os.environ:  # a rank's launcher prints the one line (engine/launch.py)
+            print("evaclip: interrupted", file=sys.stderr)
         return 130
     except StopRequested as e:  # SIGTERM/SIGUSR1: stopped at a step boundary with its checkpoint written
         if is_rank0(os.environ):
             print(f"evaclip: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingStopped as e:  # a run that cannot go on: one line, exit code 3
+        if isinstance(e, Interrupted) and "LOCAL_RANK" in os.environ:  # Ctrl-C: the launcher prints the line
+            return e.exit_code
         if is_rank0(os.environ) or (e.every_node and os.environ.get("LOCAL_RANK", "0") == "0"):
             print(f"evaclip: {e}", file=sys.stderr)
         return e.exit_code

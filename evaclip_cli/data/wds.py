@@ -364,9 +364,12 @@ class TrainLoader:
         if state:
             self.state = {"batches": int(state["batches"]), "streams": dict(state["streams"]),
                           "counters": dict(state.get("counters", {}))}
+        from evaclip_cli.lifeline import worker_dies_with_parent
+
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None, pin_memory=False)
+            prefetch_factor=4 if workers > 0 else None, pin_memory=False,
+            worker_init_fn=worker_dies_with_parent)  # a worker ends with its rank (evaclip_cli/lifeline.py)
 
     def __iter__(self):
         # iter(DataLoader) starts the worker processes now, not at the first batch: the training loop starts them

@@ -11,6 +11,7 @@ so every rank parses the same recipe and overrides.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -62,9 +63,13 @@ class RunHere:
 
 @dataclass(frozen=True)
 class Torchrun:
-    """Re-run this command on N processes per node with ``torch.distributed.run`` (``args``: its arguments)."""
+    """Re-run this command on N processes per node with ``torch.distributed.run`` (``args``: its arguments).
+    ``out_dir``: the run folder of a training run (the stop request and the last checkpoint named at Ctrl-C);
+    ``stop_signals``: the recipe's ``compute.stop_signals``, which the launcher turns into a stop request."""
 
     args: tuple[str, ...]
+    out_dir: Optional[Path] = None
+    stop_signals: tuple[str, ...] = ()
 
     @property
     def command(self) -> tuple[str, ...]:
@@ -73,9 +78,13 @@ class Torchrun:
 
 @dataclass(frozen=True)
 class DeepSpeedLauncher:
-    """Start DeepSpeed's launcher on every host of a hostfile (``command``: the whole command line)."""
+    """Start DeepSpeed's launcher on every host of a hostfile (``command``: the whole command line as a user would
+    type it; ``execute`` runs it as ``deepspeed.launcher.runner`` of this interpreter, not a ``deepspeed`` from
+    PATH). ``out_dir`` and ``stop_signals`` as for ``Torchrun``."""
 
     command: tuple[str, ...]
+    out_dir: Optional[Path] = None
+    stop_signals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -259,11 +268,13 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     target: Union[RunHere, Torchrun, DeepSpeedLauncher]
     if opts.launcher == "deepspeed" or opts.hostfile:
         target = DeepSpeedLauncher(tuple(deepspeed_args(Path(opts.hostfile) if opts.hostfile else Path("hostfile"),
-                                                        opts.nproc, opts.master_addr, argv, opts.master_port)))
+                                                        opts.nproc, opts.master_addr, argv, opts.master_port)),
+                                   out_dir=out_dir, stop_signals=tuple(recipe.compute.stop_signals))
         command = target.command
     elif world > 1:
         target = Torchrun(tuple(torchrun_args(opts.nproc, opts.nodes, opts.node_rank, opts.master_addr,
-                                              opts.master_port, argv, free_port=free_port, python=python)))
+                                              opts.master_port, argv, free_port=free_port, python=python)),
+                          out_dir=out_dir, stop_signals=tuple(recipe.compute.stop_signals))
         command = target.command
     else:
         target = RunHere(out_dir)
@@ -294,11 +305,9 @@ def execute(p: Plan) -> int:
     if isinstance(p, RunHere):
         raise TypeError("RunHere is run by the caller, in this process")
     if isinstance(p, Torchrun):
-        return run_torchrun(list(p.args))
+        return run_torchrun(list(p.args), p.out_dir, p.stop_signals)
     if isinstance(p, DeepSpeedLauncher):
-        import subprocess
-
-        return subprocess.call(list(p.command))
+        return run_deepspeed(p)
     from rich.console import Console
 
     console = Console()
@@ -320,20 +329,103 @@ def execute(p: Plan) -> int:
     raise TypeError(f"not a launch plan: {p!r}")
 
 
-def run_torchrun(args: list[str]) -> int:
-    """torchrun in this process; the exit code of the first failed rank. The workers print their own one line, so
-    the agent's failure log is silenced (EVACLIP_DEBUG=1 keeps it); a rank ended by a signal gets a line here."""
-    import logging
-    import os
+SHUTDOWN_S = 5  # seconds the agent waits after Ctrl-C forwarded before it kills what is left of the job (SIGKILL)
+FAST_STOP = ("SIGINT", "SIGHUP", "SIGQUIT")  # end every process of the job now (Ctrl-C, a lost terminal)
+
+
+def last_checkpoint_line(out_dir: Optional[Path]) -> str:
+    """What a stopped job leaves to continue from: the last complete checkpoint of ``out_dir``."""
+    if out_dir is None:
+        return ""
+    from evaclip_cli.engine.resume import list_complete
+
+    done = list_complete(Path(out_dir) / "checkpoints")
+    if not done:
+        return f"; no checkpoint was written yet in {out_dir}"
+    step, path = done[-1]
+    return f"; the last complete checkpoint is {path} (step {step}): continue with --resume auto"
+
+
+def request_stop(out_dir: Path, why: str) -> Path:
+    """Ask the run training in ``out_dir`` to stop gracefully (``RUN/STOP``: every rank finishes the current step,
+    a checkpoint is written, exit code 75)."""
+    from evaclip_cli import atomic
+
+    return atomic.write_text(Path(out_dir) / "STOP", why + "\n")
+
+
+def _stop_handlers(out_dir: Optional[Path], stop_signals: Sequence[str]) -> dict[int, object]:
+    """Install the launcher's own signal handlers; returns the previous ones. A stop signal of the recipe (not
+    Ctrl-C) becomes a stop request for the whole job; SIGUSR1 otherwise is ignored (inherited by the children), so a
+    SIGUSR1 sent to the whole job never kills a launcher or an agent."""
     import signal
 
+    previous: dict[int, object] = {}
+
+    def on_stop(signum, frame):
+        name = signal.Signals(signum).name
+        assert out_dir is not None
+        request_stop(out_dir, f"{name} to the launcher (pid {os.getpid()})")
+        print(f"evaclip: {name}: the job stops after the current step with a checkpoint (exit code 75)",
+              file=sys.stderr, flush=True)
+
+    ours = {n for n in stop_signals if n not in FAST_STOP} if out_dir is not None else set()
+    for name in ours | {"SIGUSR1"}:
+        sig = getattr(signal, name)
+        previous[sig] = signal.signal(sig, on_stop if name in ours else signal.SIG_IGN)
+    return previous
+
+
+def _restore(previous: dict[int, object]) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _interrupted_line(signum: int, out_dir: Optional[Path]) -> str:
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return f"evaclip: interrupted ({name}): every process of the job has stopped{last_checkpoint_line(out_dir)}"
+
+
+def run_torchrun(args: list[str], out_dir: Optional[Path] = None, stop_signals: Sequence[str] = ()) -> int:
+    """torchrun in this process; the exit code of the first failed rank. The workers print their own one line, so
+    the agent's failure log is silenced (EVACLIP_DEBUG=1 keeps it); a rank ended by a signal gets a line here.
+
+    The ranks end with this process (``evaclip_cli/lifeline.py``). Ctrl-C (SIGINT, SIGHUP, SIGQUIT) reaches the agent,
+    which forwards it to every rank's process group and kills what is left after ``SHUTDOWN_S``; one line then names
+    the last complete checkpoint (exit code 128 + the signal). A stop signal of the recipe becomes a graceful stop
+    of the whole job (``request_stop``); SIGUSR1 is ignored otherwise."""
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    if not os.environ.get("EVACLIP_DEBUG"):
+    from evaclip_cli.lifeline import launcher_env
+
+    if not os.environ.get("EVACLIP_DEBUG"):  # torch gives each of its loggers a level of its own
+        for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    previous = _stop_handlers(out_dir, stop_signals)
+    # the agent forwards these to every rank (then kills what is left); a SIGTERM the launcher turns into a stop
+    # request is not among them
+    forwarded = [*FAST_STOP, *([] if out_dir is not None and "SIGTERM" in stop_signals else ["SIGTERM"])]
+    os.environ.update(launcher_env())  # the ranks watch this process (the agent's environment is theirs)
     try:
-        torchrun_main(args)
+        torchrun_main([f"--signals-to-handle={','.join(forwarded)}", f"--shutdown-timeout={SHUTDOWN_S}", *args])
+    except SignalException as e:  # every rank's process group has ended (SIGKILL after SHUTDOWN_S at the latest)
+        print(_interrupted_line(int(e.sigval), out_dir), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # nothing is left to do here, and the agent's native teardown (its rendezvous store) takes seconds more
+        os._exit(128 + int(e.sigval))
     except ChildFailedError as e:
         codes = []
         for rank, f in sorted(e.failures.items()):
@@ -345,4 +437,59 @@ def run_torchrun(args: list[str]) -> int:
                     name = f"signal {-f.exitcode}"
                 print(f"evaclip: rank {rank} (pid {f.pid}) was ended by {name}", file=sys.stderr)
         return next((c for c in codes if c not in (0, None)), 1)
+    finally:
+        _restore(previous)
     return 0
+
+
+def check_multi_host(hostfile: Path, which: Callable[[str], Optional[str]], local_names: Sequence[str] = LOCAL_HOSTS
+                     ) -> None:
+    """A hostfile naming other hosts: DeepSpeed's launcher reaches them with pdsh over ssh, which must be installed
+    here (one line saying what to install otherwise)."""
+    hosts = [h for h in hostfile_slots(hostfile) if h not in local_names]
+    if not hosts:
+        return
+    missing = [tool for tool in ("pdsh", "ssh") if which(tool) is None]
+    if missing:
+        more = f" and {len(hosts) - 3} more" if len(hosts) > 3 else ""
+        raise UserError(f"--hostfile {hostfile} names other hosts ({', '.join(hosts[:3])}{more}): DeepSpeed's "
+                        f"launcher reaches them with pdsh over ssh, and {' and '.join(missing)} is not installed "
+                        "here; install it (apt install pdsh openssh-client), or start `evaclip train --nodes N "
+                        "--node-rank K --master-addr HOST` on each node")
+
+
+def deepspeed_runner_argv(command: Sequence[str], python: str = sys.executable) -> list[str]:
+    """DeepSpeed's launcher as this interpreter's module (its launch.py per node and the ranks then use this
+    interpreter too), whatever ``deepspeed`` PATH holds or lacks."""
+    return [python, "-u", "-m", "deepspeed.launcher.runner", *command[1:]]
+
+
+def run_deepspeed(p: DeepSpeedLauncher) -> int:
+    """DeepSpeed's launcher, started from this interpreter; it ends with this process (the parent-death signal,
+    SIGTERM: its pdsh runner then ends the remote side) and the ranks watch this process. Ctrl-C reaches the whole
+    foreground group (runner, launch.py, ranks); one line then names the last complete checkpoint."""
+    import shutil
+    import signal
+    import subprocess
+
+    from evaclip_cli.lifeline import launcher_env, preexec_die_with_parent
+
+    hostfile = Path(p.command[p.command.index("--hostfile") + 1]) if "--hostfile" in p.command else None
+    if hostfile is not None:
+        check_multi_host(hostfile, shutil.which)
+    previous = _stop_handlers(p.out_dir, p.stop_signals)
+    try:
+        proc = subprocess.Popen(deepspeed_runner_argv(p.command), env={**os.environ, **launcher_env()},
+                                preexec_fn=preexec_die_with_parent(signal.SIGTERM))
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=SHUTDOWN_S + 3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print(_interrupted_line(signal.SIGINT, p.out_dir), file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
+    finally:
+        _restore(previous)
