@@ -678,6 +678,12 @@ def model_flops_per_sample(recipe, gpus: int) -> float:
     return float(estimate(recipe, gpus=gpus)["flops"]["model_per_sample"])
 
 
+def tokens_kept(recipe) -> tuple[int, int]:
+    """(image, text) tokens per sample that the towers see after CLIPA's reduction (``tokens``)."""
+    t = estimate(recipe, gpus=1)["tokens"]
+    return int(t["image"]), int(t["text"])
+
+
 def device_peak_flops(device_name: str, precision: str = "bf16", override_tflops: Optional[float] = None
                       ) -> Optional[float]:
     """Peak dense FLOP/s of one device: ``override_tflops`` (``compute.peak_tflops``) when given, else the table
@@ -699,5 +705,7 @@ def telemetry_flops(recipe, world: int, device: str):
         import torch
 
         name = torch.cuda.get_device_name()
+    image_tokens, text_tokens = tokens_kept(recipe)
     return FlopsModel(model_flops_per_sample(recipe, world),
-                      device_peak_flops(name, recipe.deepspeed.precision, recipe.compute.peak_tflops))
+                      device_peak_flops(name, recipe.deepspeed.precision, recipe.compute.peak_tflops),
+                      image_tokens, text_tokens)

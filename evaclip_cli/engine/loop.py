@@ -436,7 +436,8 @@ class Trainer:
                   "mem_alloc_gib": alloc, "mem_peak_gib": peak,
                   "samples": self.samples_seen, "total_steps": self.ctx.total_steps, "segment": self.segment,
                   "nonfinite_skipped": self.counters["nonfinite"], "guard_skipped": self.guard.skipped,
-                  "guard_rollbacks": self.guard.rollbacks, **self._extra, **self.stage.log_extras(self.ctx)}
+                  "guard_rollbacks": self.guard.rollbacks, **self.flops.tokens(), **self._extra,
+                  **self.stage.log_extras(self.ctx)}
         if record["grad_norm"] is None:
             del record["grad_norm"]
         self._window = {"loss": [], "spike_loss": [], "grad_norm": []}

@@ -21,7 +21,8 @@ from typing import Any
 SHAPE_KEYS = ("stage", "model.", "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload_",
               "deepspeed.zero_init")
 #: prefixes of keys that change what is trained on or how fast: applied only with --accept-changes
-SCHEDULE_KEYS = ("data.", "optimizer.", "schedule.", "tokens.", "seed", "distill.", "video.")
+SCHEDULE_KEYS = ("data.", "optimizer.", "schedule.", "tokens.", "seed", "distill.", "video.", "deepspeed.grad_clip",
+                 "deepspeed.extra")
 #: prefixes of keys with no bearing on the weights' trajectory (data.workers: the stream is position-exact)
 SILENT_KEYS = ("data.workers", "data.val")
 

@@ -15,10 +15,17 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class FlopsModel:
-    """Model FLOPs of one training sample (forward + backward) and the peak FLOP/s of one device (None: unknown)."""
+    """Model FLOPs of one training sample (forward + backward), the peak FLOP/s of one device (None: unknown) and
+    the tokens each tower sees per sample after CLIPA's reduction (0: not known)."""
 
     per_sample: float = 0.0
     peak_per_device: Optional[float] = None
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+    def tokens(self) -> dict:
+        return {"image_tokens_kept": self.image_tokens, "text_tokens_kept": self.text_tokens} \
+            if self.image_tokens else {}
 
 
 class WindowClock:
