@@ -462,6 +462,7 @@ def _embed_shard(ctx: _Ctx, s: int, images: Optional[Iterator], progress: Any) -
 
     r = ctx.plan.shard_rows(s)
     bs, model = ctx.job.batch_size, ctx.loaded.model
+    tokenize, encode_text = fast_tokenizer(ctx.loaded.tokenize), text_encoder(model)  # its pieces cached per shard
     parts: dict = {"image": [], "text": [], "tokens": []}
     kept: list = []
     skipped = 0
@@ -479,9 +480,9 @@ def _embed_shard(ctx: _Ctx, s: int, images: Optional[Iterator], progress: Any) -
             chunk = idx
         kept += chunk
         if ctx.plan.text and chunk:
-            tokens = fast_tokenizer(ctx.loaded.tokenize)([ctx.plan.rows[i].caption for i in chunk]).to(ctx.device)
+            tokens = tokenize([ctx.plan.rows[i].caption for i in chunk]).to(ctx.device)
             with ctx.autocast():
-                e = text_encoder(model)(tokens)
+                e = encode_text(tokens)
             parts["text"].append(_finish_emb(e, ctx.job.normalize, ctx.dtype))
         progress(min(bs, len(r) - start))
     out = {k: torch.cat(v) for k, v in parts.items() if v}
