@@ -16,7 +16,13 @@ from evaclip_cli.checkpoints.detect import detect_format, resolve_spec
 from evaclip_cli.checkpoints.folders import write_eva_file, write_open_clip_folder, write_timm_folder
 from evaclip_cli.checkpoints.io import load_sharded_safetensors, load_state_dict, parse_size
 from evaclip_cli.errors import UserError
-from evaclip_cli.models.keymaps import check_against_model, detect_layout, eva_to_open_clip, mim_to_open_clip_visual
+from evaclip_cli.models.keymaps import (
+    check_against_model,
+    detect_layout,
+    eva_to_open_clip,
+    mim_to_open_clip_visual,
+    timm_head_to_proj,
+)
 from evaclip_cli.models.openclip_compat import INDEX_NAME, WEIGHTS_NAME
 from evaclip_cli.models.specs import ClipSpec
 
@@ -59,7 +65,7 @@ def load_source(src: Path, fmt: str, spec: ClipSpec, notes: Optional[list] = Non
         state = load_state_dict(src)
     layout = detect_layout(state)
     if layout == "open_clip":
-        return state, {}, layout
+        return timm_head_to_proj(state), {}, layout
     if layout == "hf":
         from evaclip_cli.models.keymaps import hf_to_open_clip
 

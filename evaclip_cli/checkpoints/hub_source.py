@@ -8,6 +8,9 @@
   for ``hf-hub:OWNER/NAME/FILE``.
 * ``hf-hub:OWNER/NAME/FILE``: that one file (a shard index brings its shards, a BAAI weights file its config.json).
 * ``@REVISION``: a branch, tag or commit (``hf-hub:BAAI/EVA-CLIP-8B@main``); the last ``@`` of the source starts it.
+* ``open_clip:MODEL/TAG`` (or open_clip's own ``MODEL:TAG``): a pretrained tag of open_clip's registry
+  (``open_clip.get_pretrained_cfg``), e.g. ``open_clip:EVA02-E-14-plus/laion2b_s9b_b144k``: the Hub repo and weights
+  file the registry names, fetched like ``hf-hub:`` (its ``.safetensors`` twin first, as open_clip does).
 
 Downloads go through ``huggingface_hub`` (``hf_hub_download`` / ``snapshot_download``): its cache
 (``HF_HUB_CACHE``/``HF_HOME``), its resumable transfers and progress bars, ``HF_TOKEN``, ``HF_ENDPOINT`` and
@@ -61,9 +64,47 @@ class Resolved:
 
 
 def is_hub_source(text: str) -> bool:
-    from evaclip_cli.models.specs import RELEASED
+    from evaclip_cli.models.specs import RELEASED, parse_open_clip_tag
 
-    return str(text).startswith(PREFIX) or str(text) in RELEASED
+    return str(text).startswith(PREFIX) or str(text) in RELEASED or parse_open_clip_tag(str(text)) is not None
+
+
+def open_clip_ref(model: str, tag: str) -> HubRef:
+    """open_clip's pretrained registry -> the Hub repo and weights file it names (``ORG/NAME/`` with no file means
+    open_clip's default, ``open_clip_pytorch_model.bin``). One line when open_clip does not know the tag."""
+    from open_clip import pretrained as registry
+
+    cfg = registry.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = registry.list_pretrained_tags_by_model(model)
+        if tags:
+            raise UserError(f"open_clip has no pretrained tag '{tag}' for {model}; its tags: {', '.join(tags)}")
+        import difflib
+
+        close = difflib.get_close_matches(model, sorted({m for m, _ in registry.list_pretrained()}), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise UserError(f"open_clip has no pretrained weights for model '{model}'{hint}; "
+                        "open_clip.list_pretrained() lists MODEL:TAG pairs")
+    hub = str(cfg.get("hf_hub") or "")
+    if not hub:
+        raise UserError(f"open_clip serves {model}/{tag} from {cfg.get('url') or 'a URL'}, not from the Hugging Face "
+                        f"Hub; download it and give the file (evaclip eval -m {model} --pretrained FILE)")
+    parts = hub.split("/")  # 'ORG/NAME/' or 'ORG/NAME/FILE' (open_clip's download_pretrained splits it so)
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    return HubRef(repo, filename or "open_clip_pytorch_model.bin", None)
+
+
+def _open_clip_weights(ref: HubRef) -> HubRef:
+    """The file open_clip itself would load: the ``.safetensors`` twin of the registry's file when the repo has it."""
+    assert ref.file is not None
+    names = set(_repo_names(HubRef(ref.repo, None, ref.revision)))
+    twins = ["open_clip_model.safetensors"] if ref.file == "open_clip_pytorch_model.bin" else \
+        [ref.file.rsplit(".", 1)[0] + ".safetensors"] if ref.file.endswith((".bin", ".pth")) else []
+    for name in (*twins, ref.file):
+        if name in names:
+            return HubRef(ref.repo, name, ref.revision)
+    raise UserError(f"{ref.file} not found in {ref.repo} (the file open_clip's pretrained registry names); check "
+                    "the repo on the Hub, or give hf-hub:OWNER/NAME/FILE")
 
 
 def parse(text: str) -> HubRef:
@@ -241,11 +282,18 @@ def _quiet_tqdm():
 
 # ------------------------------------------------------------------------------------------------ resolve
 def resolve_source(text: str, log: Callable[[str], None] = _stderr) -> Resolved:
-    """``hf-hub:...`` or a released name -> the local path in huggingface_hub's cache (downloading what is missing)."""
-    from evaclip_cli.models.specs import RELEASED
+    """``hf-hub:...``, a released name or an open_clip tag -> the local path in huggingface_hub's cache (downloading
+    what is missing)."""
+    from evaclip_cli.models.specs import RELEASED, parse_open_clip_tag
 
     arch = None
     source = str(text)
+    tag = parse_open_clip_tag(source) if not source.startswith(PREFIX) and source not in RELEASED else None
+    if tag is not None:
+        ref = _open_clip_weights(open_clip_ref(*tag))
+        log(f"{source}: {ref} (open_clip's pretrained registry)")
+        path, layout = _fetch_file(ref, log)
+        return Resolved(path=path, arch=source, source=source, layout=layout)  # resolve_arch reads open_clip's config
     if source in RELEASED:
         rel = RELEASED[source]
         arch = source if rel.layout != "hf" else None  # an HF folder's config.json says the architecture itself
@@ -331,17 +379,24 @@ def _get_many(ref: HubRef, files: list[str], log, what: str) -> Path:
     return Path(_download(lambda: snapshot_download(ref.repo, revision=ref.revision, allow_patterns=files), ref))
 
 
-def _fetch_repo(ref: HubRef, log) -> tuple[Path, str]:
+def _repo_names(ref: HubRef) -> list[str]:
+    """The repo's files as the Hub lists them, or, offline / unreachable, what the cache holds of it."""
     from huggingface_hub import snapshot_download
 
     try:
         infos = snapshot_download(ref.repo, revision=ref.revision, dry_run=True, tqdm_class=_quiet_tqdm())
-        names: list[str] = [i.filename for i in infos]
+        return [i.filename for i in infos]
     except Exception as e:  # noqa: BLE001  (offline or unreachable: what the cache holds)
         cached = _cached_names(ref)
         if cached is None:
             raise hub_error(e, ref) from None
-        names = cached
+        return cached
+
+
+def _fetch_repo(ref: HubRef, log) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    names = _repo_names(ref)
     layout, files = choose_files(names, str(ref))
     if layout == "config" and files[1].endswith(".index.json"):
         index = _download(lambda: snapshot_download(ref.repo, revision=ref.revision, allow_patterns=files[:2]), ref,

@@ -10,7 +10,7 @@ from typing import Iterable
 
 from evaclip_cli.checkpoints.io import load_state_dict
 from evaclip_cli.errors import UserError
-from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual
+from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual, timm_head_to_proj
 
 
 def read_any(path: str | Path, separate_qkv: bool = False, lazy: bool = False) -> dict:
@@ -62,7 +62,7 @@ def _read_any(p: Path, separate_qkv: bool) -> dict:
     if layout == "open_clip_visual":
         return {"visual." + k: v for k, v in state.items()}
     if layout == "open_clip":
-        return state
+        return timm_head_to_proj(state)
     raise UserError(f"{p}: unrecognised checkpoint layout (first keys: {', '.join(list(state)[:3])})")
 
 

@@ -11,7 +11,10 @@
     from its config.json;
   * an open_clip model name (``ViT-B-32``, or a released EVA name) with ``pretrained`` = a local weights file;
   * a Hub source: ``hf-hub:OWNER/NAME[/FILE][@REV]`` or a released name (``EVA-CLIP-8B``) without ``pretrained``,
-    fetched into huggingface_hub's cache first (``checkpoints.hub_source``), then loaded as above.
+    fetched into huggingface_hub's cache first (``checkpoints.hub_source``), then loaded as above;
+  * an open_clip pretrained tag: ``open_clip:MODEL/TAG``, ``MODEL:TAG``, or ``MODEL`` with ``pretrained`` = ``TAG``
+    (open_clip's own ``--model M --pretrained TAG``): the weights its registry names, fetched the same way, built
+    by open_clip with the tag's preprocessing.
 """
 from __future__ import annotations
 
@@ -85,6 +88,9 @@ def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None,
               arch: Optional[str] = None) -> LoadedClip:
     from evaclip_cli.checkpoints.hub_source import is_hub_source, resolve_source
 
+    tag = _open_clip_tag(model, pretrained)
+    if tag is not None:
+        return _from_open_clip_tag(*tag, device)
     if pretrained is not None and not Path(pretrained).exists() and str(pretrained).startswith("hf-hub:"):
         pretrained = str(resolve_source(pretrained).path)
     if pretrained is None and not Path(model).exists() and is_hub_source(model):
@@ -94,6 +100,31 @@ def load_clip(model: str, device: str = "cpu", eva_config: Optional[str] = None,
         loaded.extra["resolved"] = str(got.path)  # the cache snapshot (its path names the commit): a fingerprint
         return loaded
     return _load_local(model, device, eva_config, pretrained, arch)
+
+
+def _open_clip_tag(model: str, pretrained: Optional[str]) -> Optional[tuple[str, str]]:
+    """(MODEL, TAG) when the model is named by an open_clip pretrained tag, in any of its three spellings."""
+    from evaclip_cli.checkpoints.hub_source import WEIGHT_SUFFIXES
+    from evaclip_cli.models.specs import parse_open_clip_tag
+
+    if pretrained is None:
+        return None if Path(model).exists() else parse_open_clip_tag(model)
+    p = str(pretrained)
+    if Path(p).exists() or p.startswith("hf-hub:") or "/" in p or p.endswith(WEIGHT_SUFFIXES) or Path(model).exists():
+        return None
+    return model, p
+
+
+def _from_open_clip_tag(model: str, tag: str, device: str) -> LoadedClip:
+    from open_clip import pretrained as registry
+
+    from evaclip_cli.checkpoints.hub_source import resolve_source
+
+    got = resolve_source(f"open_clip:{model}/{tag}")
+    loaded = _open_clip_named(model, got.path, device, registry.get_pretrained_cfg(model, tag))
+    loaded.name = f"{model}/{tag}"
+    loaded.extra["resolved"] = str(got.path)
+    return loaded
 
 
 def _load_local(model: str, device: str, eva_config: Optional[str], pretrained: Optional[str],
@@ -131,16 +162,25 @@ def _load_local(model: str, device: str, eva_config: Optional[str], pretrained: 
                             model, None)
         state, _, _ = load_source(weights, "eva", spec)
         return _from_state(state, spec, device, model, "eva")
+    return _open_clip_named(model, weights, device)
+
+
+def _open_clip_named(model: str, weights: Path, device: str, pretrained_cfg: Optional[dict] = None) -> LoadedClip:
+    """open_clip's model ``model`` with the weights file; a registry tag's preprocessing (mean, std,
+    interpolation, resize mode) when ``pretrained_cfg`` is given, as open_clip applies it for the tag."""
     import open_clip
 
     from evaclip_cli.models.openclip_compat import integrate
+    from evaclip_cli.models.specs import ALIASES
 
     integrate()
     if model not in open_clip.list_models():
         raise UserError(f"{model}: not an open_clip model name (see open_clip.list_models()) nor an evaclip model "
                         f"({', '.join(sorted(ALIASES))})")
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    pp = {f"image_{k}": pretrained_cfg[k] for k in keys if pretrained_cfg and pretrained_cfg.get(k)}
     try:
-        m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), device=device)
+        m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), device=device, **pp)
     except RuntimeError as e:
         raise UserError(f"{weights}: does not load into open_clip's {model} ({str(e)[:200]})") from e
     size = m.visual.image_size

@@ -87,10 +87,12 @@ AcceptChanges = Annotated[bool, typer.Option(
 Model = Annotated[str, typer.Option(
     "--model", "-m", help="open_clip folder, evaclip run folder, DeepSpeed checkpoint, BAAI's HF folder, EVA .pt "
     "(with --eva-config/--arch), hf-hub:OWNER/NAME\\[/FILE]\\[@REV] or a released name (EVA-CLIP-8B; downloaded into "
-    "the Hugging Face cache), or an open_clip model name with --pretrained FILE.")]
+    "the Hugging Face cache), an open_clip pretrained tag (open_clip:EVA02-E-14-plus/laion2b_s9b_b144k), or an "
+    "open_clip model name with --pretrained FILE or TAG.")]
 Pretrained = Annotated[Optional[str], typer.Option(
     "--pretrained", help="Weights file (local, or hf-hub:OWNER/NAME/FILE) for an open_clip model name or a released "
-    "EVA name given as --model.")]
+    "EVA name given as --model, or an open_clip pretrained tag (-m EVA02-E-14-plus --pretrained laion2b_s9b_b144k, "
+    "as open_clip's own command line takes it).")]
 EvaConfig = Annotated[Optional[str], typer.Option("--eva-config",
                                                   help="Reference model config JSON for an EVA .pt.")]
 Arch = Annotated[Optional[str], typer.Option(

@@ -115,6 +115,15 @@ def mim_to_open_clip_visual(state: dict, separate_qkv: bool) -> tuple[dict, dict
     return out, extra
 
 
+def timm_head_to_proj(state: dict) -> dict:
+    """open_clip's own EVA02 configs (``timm_proj: null``) keep the CLIP projection in timm's classifier,
+    ``visual.trunk.head.*``; evaclip's towers name it ``visual.head.proj.*``. Same Linear, renamed."""
+    if "visual.trunk.head.weight" not in state or "visual.head.proj.weight" in state:
+        return state
+    return {("visual.head.proj." + k[len("visual.trunk.head."):] if k.startswith("visual.trunk.head.") else k): v
+            for k, v in state.items()}
+
+
 def open_clip_to_eva(state: dict, separate_qkv: bool) -> dict:
     out = {}
     swiglu = any(".mlp.fc1_g." in k for k in state)

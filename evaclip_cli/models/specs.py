@@ -6,6 +6,7 @@ FLOP counts for ``estimate``.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -141,6 +142,20 @@ ARCHS: dict[str, ClipSpec] = {
                           qkv_bias=False, post_norm=False),
         text=TextSpec(width=64, heads=4, layers=2, context_length=32),
     ),
+    # EVA02-CLIP-L/14 (BAAI's EVA02_CLIP_L_psz14_s4B.pt; open_clip's EVA02-L-14): B/16's block at L width.
+    "l14": ClipSpec(
+        embed_dim=768,
+        vision=VisionSpec(patch_size=14, width=1024, depth=24, heads=16, mlp_dim=2730, norm="layer",
+                          qkv_bias=True, qkv_fused=False, rope=True, swiglu=True, subln=True, rope_ref_size=16),
+        text=TextSpec(width=768, heads=12, layers=12),
+    ),
+    # EVA02-CLIP-E/14 (EVA02_CLIP_E_psz14_s4B.pt; open_clip's EVA02-E-14): the 5B's vision, ViT-H/14's text tower.
+    "e14": ClipSpec(
+        embed_dim=1024,
+        vision=VisionSpec(patch_size=14, width=1792, depth=64, heads=16, mlp_dim=15360, norm="layer",
+                          qkv_bias=True, post_norm=True),
+        text=TextSpec(width=1024, heads=16, layers=24),
+    ),
     # CLIPA-v2 H/14 (ViT-H/14 tower in EVA form, so the same engine trains it).
     "h14": ClipSpec(
         embed_dim=1024,
@@ -156,10 +171,15 @@ ALIASES: dict[str, str] = {
     "EVA02-CLIP-bigE-14-plus": "5b",
     "EVA02-CLIP-E-14-plus": "5b",
     "EVA02-CLIP-B-16": "b16",
+    "EVA02-CLIP-L-14": "l14",
+    "EVA02-CLIP-bigE-14": "e14",
+    "EVA02-CLIP-E-14": "e14",
 }
 
 # Total parameter counts of the released models (reference code, built on the meta device).
-REFERENCE_PARAMS = {"18b": 18_325_482_241, "8b": 8_220_748_545, "5b": 5_044_889_089, "b16": 149_691_137}
+REFERENCE_PARAMS = {"18b": 18_325_482_241, "8b": 8_220_748_545, "5b": 5_044_889_089, "b16": 149_691_137,
+                    # open_clip 3.3's EVA02-L-14 / EVA02-E-14 built on the meta device (BAAI's card: 428M, 4.7B)
+                    "l14": 427_755_457, "e14": 4_704_589_569}
 
 # timm names: the EVA-CLIP-8B/18B towers are registered by evaclip; 5B and B/16 are timm's own.
 TIMM_NAMES = {
@@ -167,15 +187,23 @@ TIMM_NAMES = {
     "8b": "evaclip_8b_patch14_224",
     "5b": "eva02_enormous_patch14_clip_224",
     "b16": "eva02_base_patch16_clip_224",
+    "l14": "eva02_large_patch14_clip_224",
+    "e14": "eva02_enormous_patch14_clip_224",  # the 5B's vision tower
 }
 GENERIC_TIMM_NAME = "evaclip_vit"
 
 
 def resolve_arch(name: str) -> ClipSpec:
+    """evaclip's short name, a reference config name, a released checkpoint's name, an open_clip pretrained tag
+    (``open_clip:EVA02-E-14-plus/laion2b_s9b_b144k``) or an open_clip model name (``EVA02-L-14``) -> the spec."""
     if name in RELEASED:  # a released checkpoint's name (EVA-CLIP-8B-448: the 8B at 448 px)
         return RELEASED[name].spec()
     key = ALIASES.get(name, name).lower()
     if key not in ARCHS:
+        tag = parse_open_clip_tag(name)
+        from_open_clip = open_clip_spec(tag[0] if tag else name)
+        if from_open_clip is not None:
+            return from_open_clip
         import difflib
 
         known = sorted(ARCHS) + sorted(ALIASES) + sorted(set(RELEASED) - set(ALIASES))
@@ -185,6 +213,41 @@ def resolve_arch(name: str) -> ClipSpec:
 
         raise UserError(f"unknown model '{name}'{hint}; known: {', '.join(known)}")
     return ARCHS[key].model_copy(deep=True)
+
+
+OPEN_CLIP_PREFIX = "open_clip:"
+_OPEN_CLIP_BODY = re.compile(r"(?P<model>[A-Za-z0-9][\w.+-]*)[/:](?P<tag>[A-Za-z0-9][\w.-]*)")
+_NOT_MODELS = ("hf-hub", "local-dir", "http", "https", "file", "s3", "gs", "pipe")
+
+
+def parse_open_clip_tag(text: str) -> Optional[tuple[str, str]]:
+    """(MODEL, TAG) of an open_clip pretrained tag: ``open_clip:MODEL/TAG`` (or ``open_clip:MODEL:TAG``), or the
+    ``MODEL:TAG`` that open_clip itself prints (``open_clip.list_pretrained(as_str=True)``); None for anything else.
+    Syntax only: whether open_clip knows the tag is checked when it is resolved."""
+    text = str(text)
+    if text.startswith(OPEN_CLIP_PREFIX):
+        m = _OPEN_CLIP_BODY.fullmatch(text[len(OPEN_CLIP_PREFIX):])
+    else:
+        m = _OPEN_CLIP_BODY.fullmatch(text) if text.count(":") == 1 and "/" not in text else None
+        if m and m.group("model").lower() in _NOT_MODELS:
+            m = None
+    return (m.group("model"), m.group("tag")) if m else None
+
+
+def open_clip_spec(model: str) -> Optional[ClipSpec]:
+    """The spec of an open_clip model name (its ``model_configs/*.json``), None when open_clip has no such model;
+    one line when its towers are not EVA towers evaclip can build (e.g. ViT-B-32: evaluate it, not train it)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        return None
+    if not cfg.get("vision_cfg", {}).get("timm_model_name") or not cfg.get("custom_text", False):
+        from evaclip_cli.errors import UserError
+
+        raise UserError(f"open_clip's {model} is not built of EVA towers evaclip describes; `evaclip eval` takes it "
+                        "(-m open_clip:MODEL/TAG), training and conversion need an EVA-CLIP architecture")
+    return spec_from_open_clip_cfg(cfg)
 
 
 def named_arch(spec: ClipSpec) -> Optional[str]:
@@ -240,7 +303,9 @@ def spec_from_open_clip_cfg(cfg: dict) -> ClipSpec:
             post_norm=kw.get("use_post_norm", False), rope=kw.get("use_rot_pos_emb", False),
             swiglu=kw.get("swiglu_mlp", False), subln=kw.get("scale_attn_inner", False),
             rope_ref_size=(kw.get("ref_feat_shape") or [None])[0],
-            head_bias=vc.get("timm_proj_bias", False), norm_eps=kw.get("norm_eps", 1e-6),
+            # timm_proj null: timm's own classifier Linear is the projection, with a bias
+            head_bias=vc.get("timm_proj_bias", False) if vc.get("timm_proj") else True,
+            norm_eps=kw.get("norm_eps", 1e-6),
         )
     else:
         keys = [k for k, n in TIMM_NAMES.items() if n == name]
@@ -479,4 +544,21 @@ RELEASED: dict[str, Released] = {
                         params=17_622_630_400, arch="18b"),
     "EVA-8B": Released(repo="BAAI/EVA-CLIP-8B", file="EVA_8B_psz14.bin", layout="mim", size="30.1 GB",
                        params=7_520_845_824, arch="8b"),
+    # the EVA02-CLIP family (BAAI's EVA-CLIP README: QuanSun/EVA-CLIP holds every .pt, the sizes are its card's).
+    # EVA02-CLIP-E/14+ is the 18B's MIM teacher and its text tower's init (EVA-CLIP-18B README). open_clip serves
+    # the same weights converted: open_clip:EVA02-E-14-plus/laion2b_s9b_b144k (see parse_open_clip_tag).
+    "EVA02-CLIP-bigE-14-plus": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_E_psz14_plus_s9B.pt",
+                                        layout="eva", size="10.1 GB", params=5_044_889_089, arch="5b"),
+    "EVA02-CLIP-E-14-plus": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_E_psz14_plus_s9B.pt", layout="eva",
+                                     size="10.1 GB", params=5_044_889_089, arch="5b"),
+    "EVA02-CLIP-bigE-14": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_E_psz14_s4B.pt", layout="eva",
+                                   size="9.4 GB", params=4_704_589_569, arch="e14"),
+    "EVA02-CLIP-E-14": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_E_psz14_s4B.pt", layout="eva",
+                                size="9.4 GB", params=4_704_589_569, arch="e14"),
+    "EVA02-CLIP-L-14": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_L_psz14_s4B.pt", layout="eva",
+                                size="856 MB", params=427_755_457, arch="l14"),
+    "EVA02-CLIP-L-14-336": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_L_336_psz14_s6B.pt", layout="eva",
+                                    size="856 MB", params=428_083_137, arch="l14", image_size=336),
+    "EVA02-CLIP-B-16": Released(repo="QuanSun/EVA-CLIP", file="EVA02_CLIP_B_psz16_s8B.pt", layout="eva",
+                                size="300 MB", params=149_691_137, arch="b16"),
 }

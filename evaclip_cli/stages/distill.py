@@ -130,13 +130,15 @@ def load_teacher_state(path: str, spec) -> dict:
 
 def teacher_spec_for(recipe):
     from evaclip_cli.models.openclip_compat import CONFIG_NAME
-    from evaclip_cli.models.specs import resolve_arch, spec_from_open_clip_cfg
+    from evaclip_cli.models.specs import RELEASED, parse_open_clip_tag, resolve_arch, spec_from_open_clip_cfg
 
     t = recipe.distill.teacher
     if t and (Path(t) / CONFIG_NAME).is_file():
         import json
 
         return spec_from_open_clip_cfg(json.loads((Path(t) / CONFIG_NAME).read_text()))
+    if t and not Path(t).exists() and (t in RELEASED or parse_open_clip_tag(t)):
+        return resolve_arch(t)  # a released name or an open_clip tag says its own architecture
     return resolve_arch(recipe.distill.teacher_arch)
 
 
