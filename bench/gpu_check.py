@@ -14,7 +14,7 @@ train_step     bf16 forward+backward of the real EVA-CLIP-18B vision block stack
                activation checkpointing, micro batch = the ``18b`` recipe's ``data.micro_batch``. The weights are bf16
                (as DeepSpeed holds them), no autocast. Which SDPA kernel the default path takes is read from the
                profiler (aten op names), and a step with SDPA restricted to FLASH_ATTENTION must run. MFU = model
-               FLOPs / step time / peak dense bf16 FLOP/s of the detected card (``PEAKS``; ``--peak-tflops`` for
+               FLOPs / step time / peak dense bf16 FLOP/s of the card (``estimate.DEVICE_PEAKS``; ``--peak-tflops`` for
                others); goal: >= 50% on H100/H200 without checkpointing (with it, MFU <= 75% of HFU by definition).
 lamb           evaclip's ``Lamb`` (engine/lamb.py) stepping fp32 masters of the same stack's tensors, then the copy into
                the bf16 model weights (DeepSpeed's order): per tensor (no ZeRO) and on flat ZeRO-style partitions of
@@ -67,8 +67,7 @@ MIN_SECTION_S = 8.0
 FLOOR_S = {"env": 20.0}  # a section's time is at least this much (MIN_SECTION_S otherwise) while the budget lasts
 GOAL_MFU = 0.50
 # dense bf16 tensor-core FLOP/s by a substring of torch.cuda.get_device_name(), first match wins
-PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
-         ("A100", 312e12))
+PEAKS = None  # moved: evaclip_cli.estimate.DEVICE_PEAKS (one table for the estimate, telemetry and this bench)
 GOAL_CARDS = ("H100", "H200")
 DEFAULT_MICRO_BATCH = 150  # the 18b recipe's data.micro_batch (read from the recipe when it loads)
 DEMO_GPU = dict(n_train=2000, n_val=16, image_size=256, per_class=300, n_videos=0)
@@ -116,10 +115,10 @@ class Clock:
 
 
 def peak_for(name: str):
-    for key, peak in PEAKS:
-        if key.lower() in name.lower():
-            return peak
-    return None
+    """Dense bf16 peak of a device by name: the estimator's table (``evaclip_cli.estimate.DEVICE_PEAKS``)."""
+    from evaclip_cli.estimate import device_peak_flops
+
+    return device_peak_flops(name, "bf16")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -243,16 +242,10 @@ def stack_flops(model, depth: int) -> dict:
     patch_mm = sum(p.numel() for n, p in named if n.startswith("patch_embed.") and p.ndim >= 2)
     patches = model.patch_embed.num_patches
     s, w = patches + model.num_prefix_tokens, model.embed_dim
-    blk = model.blocks[0]
-    try:
-        from evaclip_cli.estimate import _Tower
+    from evaclip_cli.estimate import transformer_forward_flops
 
-        fwd = _Tower("vision", depth, w, blk.attn.num_heads, blk.mlp.fc1.out_features, False, False, s, block_mm,
-                     ((patch_mm, patches),), 1.0, True, 0).forward_flops()
-        source = "evaclip_cli.estimate._Tower.forward_flops"
-    except Exception as e:  # the same formula, should estimate's private helper move
-        fwd = 2 * block_mm * s + 4 * depth * s**2 * w + 2 * patch_mm * patches
-        source = f"local copy of estimate's formula ({type(e).__name__})"
+    fwd = transformer_forward_flops(depth, w, s, block_mm, ((patch_mm, patches),))
+    source = "evaclip_cli.estimate.transformer_forward_flops"
     return {"forward_flops_per_image": fwd, "block_matmul_params": block_mm, "patch_matmul_params": patch_mm,
             "flops_source": source,
             "formula": "forward/image = 2*block_matmul_params*s + 4*L*s^2*w + 2*patch_matmul_params*patches; "
@@ -276,6 +269,8 @@ def sdpa_backend(op_names) -> str:
 def sec_train_step(rec, a, clock):
     import torch
 
+    from evaclip_cli.engine.telemetry import FlopsModel, speed_figures
+
     dev = device_or_skip(a, rec)
     if dev is None:
         return
@@ -291,7 +286,7 @@ def sec_train_step(rec, a, clock):
         gpu = torch.cuda.get_device_name(0)
         peak = a.peak_tflops * 1e12 if a.peak_tflops else peak_for(gpu)
         rec.update(gpu=gpu, peak_flops=peak, peak_source="--peak-tflops" if a.peak_tflops else
-                   ("PEAKS table" if peak else "peak unknown (pass --peak-tflops)"))
+                   ("evaclip_cli.estimate.DEVICE_PEAKS" if peak else "peak unknown (pass --peak-tflops)"))
     else:
         peak = a.peak_tflops * 1e12 if a.peak_tflops else None
         rec.update(gpu=None, peak_flops=peak, peak_source="peak unknown (CPU)")
@@ -445,15 +440,17 @@ def sec_train_step(rec, a, clock):
             model_flops = 3 * fwd * b
             hw_flops = (4 if ckpt else 3) * fwd * b
             med = median(times)
+            # the figures a training run logs, through the same code (engine.telemetry): one step of b images
+            speed = speed_figures(b, 1, med, 0.0, FlopsModel(3 * fwd, peak), 1)
             res.update(depth=depth, params=sum(p.numel() for p in model.parameters()), tokens_per_step=b *
                        rec["block"]["tokens"], steps_timed=len(times), warmup_steps_excluded=len(tw), step_s=times,
                        step_s_median=med, step_s_mean=sum(times) / len(times),
                        peak_memory_gib=(torch.cuda.max_memory_allocated() / GiB) if dev == "cuda" else None,
                        model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops,
-                       achieved_tflops=model_flops / med / 1e12, hardware_tflops=hw_flops / med / 1e12,
-                       images_per_s=b / med, **flops)
+                       achieved_tflops=speed["tflops_per_device"], hardware_tflops=hw_flops / med / 1e12,
+                       images_per_s=speed["samples_per_s"], telemetry=speed, **flops)
             if peak:
-                res.update(mfu=model_flops / med / peak, hfu=hw_flops / med / peak)
+                res.update(mfu=speed["mfu"], hfu=hw_flops / med / peak)
             else:
                 res.update(mfu=None, hfu=None, mfu_note="peak unknown: achieved TFLOP/s reported")
             res["sdpa_backend_timed"] = sd["default_backend"]

@@ -174,6 +174,14 @@ def _split_locked(t: "_Tower", trained_layers: int) -> list["_Tower"]:
                                         extra=tuple(high))]
 
 
+def transformer_forward_flops(layers: int, width: int, seq: int, block_matmul: int, extra=()) -> float:
+    """Forward FLOPs of one sequence through a transformer tower: 2 per matmul weight per token through the blocks,
+    4·L·s²·w for attention's two matmuls, 2 per weight per token of each ``extra`` matmul ((weights, tokens): patch
+    embedding, heads). Training model FLOPs are 3x this (``model_flops_per_sample``); the one formula of
+    ``evaclip estimate``, a run's telemetry and ``bench/gpu_check.py``."""
+    return 2 * block_matmul * seq + 4 * layers * seq**2 * width + sum(2 * w * t for w, t in extra)
+
+
 @dataclass
 class _Tower:
     """One transformer tower as the estimate sees it."""
@@ -193,9 +201,8 @@ class _Tower:
     block_max: int  # parameters of the largest block
 
     def forward_flops(self) -> float:
-        per_seq = 2 * self.block_matmul * self.seq + 4 * self.layers * self.seq**2 * self.width
-        per_seq += sum(2 * w * t for w, t in self.extra)
-        return per_seq * self.per_sample
+        return transformer_forward_flops(self.layers, self.width, self.seq, self.block_matmul, self.extra) * \
+            self.per_sample
 
     def layer_bytes(self, b_seqs: float, e: int, flash: bool = True) -> float:
         m = (4 if self.swiglu else 2) * self.mlp + ((self.mlp + self.width) if self.subln else 0)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers.runs import EVACLIP, ROOT, metrics, train
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -147,7 +148,8 @@ def test_resume_with_a_changed_recipe_is_refused_or_a_new_segment(env, tmp_path)
           "--resume", "auto", "--accept-changes")
     rows = metrics(run)[0]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 8]
-    assert rows[-1]["samples"] == 160 + 3 * 64 and rows[-1]["segment"] == 2  # whole batches: 352 >= 320 and rows[0]["segment"] == 1
+    assert rows[-1]["samples"] == 160 + 3 * 64  # whole batches: 352 >= 320
+    assert rows[-1]["segment"] == 2 and rows[0]["segment"] == 1
     assert sorted(p.name for p in (run / "recipe_history").iterdir()) == ["segment1.toml", "segment2.toml"]
     assert "global_batch = 64" in (run / "evaclip_recipe.toml").read_text()
 

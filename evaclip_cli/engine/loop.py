@@ -275,11 +275,11 @@ class Trainer:
                            f"({', '.join(change.schedule)}): segment {self.segment} starts here")
 
     # ---------------------------------------------------------------------------------------------- restore
-    def restore(self) -> None:
-        """Weights, optimizer, counters, RNG, guard and position of the checkpoint this run resumes."""
+    def restore(self, source: Any) -> None:
+        """Weights, optimizer, counters, RNG, guard and position of the checkpoint ``source``
+        (``universal.Source``) this run resumes."""
         from evaclip_cli.engine import segments, universal
 
-        source = self.source
         load_path, client = self.engine.load_checkpoint(str(source.root), tag=source.tag,
                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
@@ -310,7 +310,7 @@ class Trainer:
     def train(self, resume_from: Optional[tuple[Path, str]]) -> dict:
         self.build(resume_from)
         if self.source is not None:
-            self.restore()
+            self.restore(self.source)
         else:
             self.events.add("start", 0, f"{self.recipe.name}: {self.ctx.total_steps} steps")
         if self.info.is_main:
@@ -525,7 +525,7 @@ class Trainer:
         # workers first (at 18B the training state is most of a node's memory)
         free_training_tensors(self.engine)  # DeepSpeed's own references would keep them alive past the `del`
         self.ctx.engine = self.ctx.model = None
-        self.engine = self.optimizer = self.skip = self.loader = self.data_iter = None
+        self.engine = self.optimizer = self.skip = self.loader = self.data_iter = None  # type: ignore[assignment]
         _free_memory()
         self.mem.mark("released")  # what the export has beside it
         _write_memory(self.ctx, self.mem)

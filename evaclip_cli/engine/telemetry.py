@@ -56,10 +56,16 @@ class WindowClock:
 
 def throughput(clock: WindowClock, flops: FlopsModel, world: int, data_wait_max: float) -> dict:
     """The window's speed figures (rank 0's clock; ``data_wait_max``: the longest data wait of any rank)."""
-    elapsed = clock.elapsed()
-    sps = clock.samples / elapsed
-    out = {"samples_per_s": sps, "step_time_s": elapsed / max(clock.steps, 1),
-           "data_wait_frac": min(1.0, data_wait_max / elapsed)}
+    return speed_figures(clock.samples, clock.steps, clock.elapsed(), data_wait_max, flops, world)
+
+
+def speed_figures(samples: int, steps: int, seconds: float, data_wait: float, flops: FlopsModel, world: int) -> dict:
+    """samples/s, step time, data-wait fraction, achieved TFLOP/s per device and (with a peak) MFU of ``samples``
+    trained in ``steps`` steps taking ``seconds`` on ``world`` devices (``bench/gpu_check.py`` uses it too)."""
+    elapsed = max(seconds, 1e-9)
+    sps = samples / elapsed
+    out = {"samples_per_s": sps, "step_time_s": elapsed / max(steps, 1),
+           "data_wait_frac": min(1.0, data_wait / elapsed)}
     if flops.per_sample:
         achieved = flops.per_sample * sps / max(world, 1)
         out["tflops_per_device"] = achieved / 1e12
