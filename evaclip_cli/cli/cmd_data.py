@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+
+from evaclip_cli.cli.options import complete_recipe
 
 
 def make_demo(
@@ -41,16 +43,28 @@ def make_demo(
 
 
 def inspect(
-    shards: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/{00000..00099}.tar' (quote the braces).")],
+    shards: Annotated[Optional[str], typer.Argument(
+        help="Shard pattern, e.g. 'data/{00000..00099}.tar' (quote the braces).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(
+        "--recipe", "-r", autocompletion=complete_recipe,
+        help="Report the data mixture this recipe samples instead: each source's weight, its share of the samples "
+             "and its samples over the run, and how many of its shards exist here (nothing is read).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Count samples, extensions and corrupt samples of webdataset shards; show a few captions."""
+    """Count samples, extensions and corrupt samples of webdataset shards and show a few captions; or, with
+    --recipe, the mixture of sources the recipe will sample."""
     from rich.console import Console
     from rich.table import Table
 
     from evaclip_cli.data.wds import inspect_shards
     from evaclip_cli.errors import UserError
 
+    if (shards is None) == (recipe is None):
+        raise UserError("give a shard pattern or --recipe NAME (not both): `evaclip data inspect 'data/{00000..00099}"
+                        ".tar'` or `evaclip data inspect --recipe 18b`")
+    if recipe is not None:
+        return _inspect_recipe(recipe, json_out)
+    assert shards is not None
     rep = inspect_shards(shards)
     if rep["shards"] == 0:
         raise UserError(f"'{shards}' names no shard")
@@ -71,3 +85,42 @@ def inspect(
     c.print(t)
     for cap in rep["captions"]:
         c.print(f"  • {cap}")
+
+
+def _inspect_recipe(name: str, json_out: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evaclip_cli.data.mixture import mixture
+    from evaclip_cli.recipes import load_recipe
+
+    r = load_recipe(name).recipe
+    if r.data.demo or not r.data.train:
+        why = "the embedded demo data (data.demo = true)" if r.data.demo else "no data.train sources"
+        if json_out:
+            typer.echo(json.dumps({"recipe": r.name, "demo": r.data.demo, "sources": []}, indent=2))
+        else:
+            Console().print(f"{r.name}: {why}; no mixture to report", soft_wrap=True)
+        return
+    mix = mixture(r.data.train, r.data.samples, r.data.resampled, video_stage=r.stage == "video",
+                  image_weight=r.video.image_weight, video_weight=r.video.video_weight)
+    if json_out:
+        typer.echo(json.dumps({"recipe": r.name, **mix.to_dict()}, indent=2))
+        return
+    t = Table(title=f"{r.name}: {r.data.samples:,} samples, {mix.mode}" if r.data.samples else
+              f"{r.name}: epochs (data.samples = 0), {mix.mode}")
+    for col, right in (("source", False), ("kind", False), ("weight", True), ("share", True),
+                       ("samples over the run", True), ("shards here / named", True)):
+        t.add_column(col, justify="right" if right else "left", overflow="fold",
+                     min_width=24 if col == "source" else None)
+    for s in mix.sources:
+        here = "URLs" if s.present is None else f"{s.present:,}"
+        t.add_row(s.shards, s.kind, f"{s.weight:g}", f"{100 * s.share:.2f}%",
+                  "-" if s.samples is None else f"{s.samples:,}", f"{here} / {s.named:,}")
+    c = Console()
+    c.print(t)
+    if mix.mode == "shards by weight":
+        c.print("shares are of the shards drawn; of the samples too when every source's shards hold as many samples",
+                soft_wrap=True)
+    elif mix.mode == "epochs over shards":
+        c.print("data.resampled = false: every shard once per epoch, the weights are not used", soft_wrap=True)
