@@ -54,8 +54,9 @@ def _data_parallel(ctx: typer.Context, nproc: int):
 def zeroshot(
     ctx: typer.Context,
     model: Model,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="ImageFolder root, CLIP_benchmark wds/ folder, or "
-                                         ".tar shards with a class field.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="ImageFolder root, CLIP_benchmark wds/ folder, "
+                                         ".tar shards with a class field, or a set on the Hub "
+                                         "(hf-hub:clip-benchmark/wds_cifar10).")],
     name: Annotated[Optional[str], typer.Option(
         "--name", help="Benchmark name (picks the shipped class names and templates, e.g. imagenet1k, cifar10); "
         "default: the folder name.")] = None,
@@ -85,8 +86,9 @@ def retrieval(
     ctx: typer.Context,
     model: Model,
     dataset: Annotated[str, typer.Option(
-        "--dataset", "-d", help="CLIP_benchmark wds/ retrieval folder, or a caption JSON (Karpathy's "
-        "dataset_flickr30k.json / dataset_coco.json, or [{image, caption}]).")],
+        "--dataset", "-d", help="CLIP_benchmark wds/ retrieval folder, a caption JSON (Karpathy's "
+        "dataset_flickr30k.json / dataset_coco.json, or [{image, caption}]), or a set on the Hub "
+        "(hf-hub:clip-benchmark/wds_flickr30k).")],
     images: Annotated[Optional[Path], typer.Option(
         "--images", help="Image root of a caption JSON (default: next to it).")] = None,
     name: Annotated[Optional[str], typer.Option(
@@ -107,13 +109,15 @@ def retrieval(
 
 def suite(
     ctx: typer.Context,
-    *,  # keyword-only: the options keep their help order, required --root after --suite
+    *,  # keyword-only: the options keep their help order, --root after --suite
     model: Model,
     suite: Annotated[list[str], typer.Option(
         "--suite", "-s", help="Shipped suite (eva-clip-27, eva-clip-video, eva-clip-retrieval) or a suite .toml; "
         "repeat for several.", autocompletion=complete_suite)] = ["eva-clip-27"],  # noqa: B006 (Typer copies it)
-    root: Annotated[Path, typer.Option("--root", help="Folder holding one folder per dataset (CLIP_benchmark wds_* "
-                                       "exports, ImageFolders, video folders, caption JSON).")],
+    root: Annotated[Optional[str], typer.Option(
+        "--root", help="Folder holding one folder per dataset (CLIP_benchmark wds_* exports, ImageFolders, video "
+        "folders, caption JSON), or hf-hub:OWNER: the wds_<name> sets fetched from the Hub (test split only, into "
+        "huggingface_hub's cache). Default: hf-hub:clip-benchmark.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Where results.json, results.md and results.png go (default: eval/<model name>).")] = None,
     frames: Annotated[Optional[int], typer.Option(
@@ -123,8 +127,9 @@ def suite(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the text classifiers.")] = False,
     nproc: EvalNproc = 1,
 ):
-    """Every dataset of a benchmark suite found under --root: per-dataset numbers, the paper's aggregates
-    (27-avg, video avg, retrieval mean recall), results.json + a Markdown table (for `push`) + a PNG chart."""
+    """Every dataset of a benchmark suite found under --root or fetched from the Hub (default: CLIP_benchmark's
+    exports): per-dataset numbers, the paper's aggregates (27-avg, video avg, retrieval mean recall), results.json +
+    a Markdown table (for `push`) + a PNG chart."""
     with _data_parallel(ctx, nproc):
         from evaclip_cli.eval.runner import run_suite
 

@@ -296,6 +296,16 @@ def is_retrieval_manifest(path: Path) -> bool:
     return "caption" in header and "label" not in header
 
 
+def hub_dataset(dataset: str, name: Optional[str], split: str) -> tuple[str, Optional[str]]:
+    """(local path, name) of a set: ``hf-hub:OWNER/NAME`` fetched into huggingface_hub's cache (its split only),
+    named after the repo (``wds_cifar10`` -> ``cifar10``); anything else as it is."""
+    from evaclip_cli.checkpoints.hub_datasets import fetch_dataset, is_hub_dataset, parse_dataset, set_name
+
+    if not is_hub_dataset(dataset) or Path(dataset).exists():
+        return dataset, name
+    return str(fetch_dataset(dataset, split)), name or set_name(parse_dataset(dataset))
+
+
 # ------------------------------------------------------------------------------------------------------ commands
 def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=None, eva_config=None, arch=None,
                  classnames=None, templates=None, split="test", class_key="cls", batch_size=256, workers=None,
@@ -307,6 +317,7 @@ def run_zeroshot(model: str, dataset: str, *, name=None, key=None, pretrained=No
     from evaclip_cli.eval.prompts import classifier, fingerprint, resolve_prompts
 
     _check_output(output)
+    dataset, name = hub_dataset(dataset, name, split)
     evalset = classification_set(dataset, split=split, class_key=class_key)
     names, tpls = resolve_prompts(evalset, key or name, classnames, templates)
     adapter = ImageSet(evalset, None, 0)
@@ -357,6 +368,7 @@ def run_retrieval(model: str, dataset: str, *, name=None, images=None, pretraine
     from evaclip_cli.eval.loops import retrieve
 
     _check_output(output)
+    dataset, name = hub_dataset(dataset, name, split)
     evalset = retrieval_set(dataset, images=images, split=split)
     adapter = ImageSet(evalset, None, 0)
     try:
@@ -433,16 +445,22 @@ def run_video(model: str, dataset: str, *, name: Optional[str] = None, task: str
 def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, eva_config=None, arch=None,
               batch_size=256, workers=None, precision="auto", cache=True, fast_decode=False, frames=None,
               quiet=False) -> dict:
-    """``evaclip eval suite``: every dataset of the suites found under ``root``, one model load; writes
-    ``results.json``/``.md``/``.png`` to ``out_dir`` (default ``eval/<model name>``)."""
+    """``evaclip eval suite``: every dataset of the suites found under ``root`` (a folder, or ``hf-hub:OWNER``: the
+    sets fetched from the Hub, CLIP_benchmark's by default), one model load; writes ``results.json``/``.md``/``.png``
+    to ``out_dir`` (default ``eval/<model name>``)."""
     from rich.console import Console
 
+    from evaclip_cli.checkpoints.hub_datasets import DEFAULT_ROOT, is_hub_dataset, plan_suite
     from evaclip_cli.eval.suite import aggregates, headline, load_suite, write_outputs
 
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: dataset root not found (--root DIR holding one folder per dataset)")
+    root = str(root or DEFAULT_ROOT)
+    hub = is_hub_dataset(root) and not Path(root).exists()
+    if not hub and not Path(root).is_dir():
+        raise UserError(f"{root}: dataset root not found (--root DIR holding one folder per dataset, or "
+                        f"hf-hub:OWNER for the sets on the Hub, e.g. {DEFAULT_ROOT})")
     specs = [load_suite(s) for s in suites]
+    # from the Hub: every set listed and its size checked against the free space before anything is fetched
+    plans, left = plan_suite([d for s in specs for d in s["datasets"]], root) if hub else ({}, {})
     out_dir = Path(out_dir) if out_dir else Path("eval") / Path(str(model)).name
     from evaclip_cli import atomic
 
@@ -453,7 +471,13 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
     for suite in specs:
         rows = []
         for d in suite["datasets"]:
-            path = next((root / c for c in d["dirs"] if (root / c).exists()), None)
+            try:
+                path = _suite_set(d, plans, left, console) if hub else \
+                    next((Path(root) / c for c in d["dirs"] if (Path(root) / c).exists()), None)
+            except UserError as e:
+                failed.append(d["name"])
+                console.print(f"[red]{d['name']}[/red]: {e}", soft_wrap=True, highlight=False)
+                continue
             if path is None:
                 missing.append(d["name"])
                 continue
@@ -488,13 +512,24 @@ def run_suite(model: str, suites: list, root, out_dir=None, *, pretrained=None, 
             ref = f" (paper, EVA-CLIP-18B: {100 * paper[k]:.1f})" if k in paper else ""
             console.print(f"[bold]{k}[/bold]: {100 * v:.2f}{ref}")
         if missing:
-            console.print(f"[yellow]not found under {root}[/yellow]: {', '.join(missing)}")
+            where = f"not on {root}" if hub else f"not found under {root}"
+            console.print(f"[yellow]{where}[/yellow]: {', '.join(missing)}")
         try:  # after the results are printed: a disk that filled since the start loses nothing on the screen
             written = write_outputs(out, out_dir)
         except OSError as e:
             raise UserError(f"cannot write {out_dir}: {atomic.cannot(e, out_dir)}") from None
         console.print(f"wrote {', '.join(str(p) for p in written)}")
     return out
+
+
+def _suite_set(d: dict, plans: dict, left: dict, console) -> Optional[Path]:
+    """A suite's set from the Hub: fetched now (its turn), or None with the line that says why it is left out."""
+    from evaclip_cli.checkpoints.hub_datasets import fetch
+
+    if d["name"] in plans:
+        return fetch(plans[d["name"]])
+    console.print(f"[yellow]{left[d['name']]}[/yellow]", soft_wrap=True, highlight=False)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ training eval

@@ -16,6 +16,9 @@ Endpoints (what huggingface_hub 1.x/2.x calls; read from its source, not guessed
                                                                (+ X-Linked-Etag / X-Linked-Size for LFS files), Range
 * ``GET  /api/whoami-v2``
 
+Dataset repos (``repo_type="dataset"``) answer the same read routes under ``/api/datasets/{repo}/...`` and
+``/datasets/{repo}/resolve/{rev}/{path}``; the test-side API names them ``datasets/OWNER/NAME`` (``dataset_id``).
+
 Downloads (``hf_hub_download`` / ``snapshot_download``, 2.x): ``GET /api/models/{repo}/revision/{rev}`` for the commit,
 ``GET .../tree/{commit}?recursive=true`` for the file list and sizes, then ``HEAD`` + ``GET`` (ranged when resuming)
 on ``/{repo}/resolve/{commit}/{path}``; revisions are branches, full or short commit ids (``refs/pr/N`` too).
@@ -42,6 +45,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".npz", ".gz", ".tar", ".zip")
 GITATTRIBUTES = b"".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n".encode() for s in LFS_SUFFIXES)
 REGULAR_MAX = 10 * 1024 * 1024  # larger files must go through LFS, as on the Hub
+
+
+def dataset_id(repo_id: str) -> str:
+    """The server's key of a dataset repo (``create(dataset_id("o/n"), ...)``, ``downloads(dataset_id("o/n"))``)."""
+    return f"datasets/{repo_id}"
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -330,6 +338,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._lfs_object(method, segs[1:], body)
         if len(segs) >= 3 and segs[1].endswith(".git") and segs[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{segs[0]}/{segs[1][:-4]}", body)
+        if segs[:1] == ["datasets"] and len(segs) >= 6 and segs[3] == "resolve":
+            return self._resolve(method, dataset_id(f"{segs[1]}/{segs[2]}"), segs[4], "/".join(segs[5:]))
         if len(segs) >= 5 and segs[2] == "resolve":
             return self._resolve(method, f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
         raise HttpError(404, f"no route for {method} {parts.path}")
@@ -369,14 +379,15 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpError(401, "Invalid credentials in Authorization header")
             return self._send(200, {"type": "user", "name": hub.user, "orgs": [{"name": o} for o in hub.namespaces
                                                                                  if o != hub.user]})
-        if len(segs) < 3 or segs[0] != "models":
+        if len(segs) < 3 or segs[0] not in ("models", "datasets"):
             raise HttpError(404, f"no API route {'/'.join(segs)}")
-        repo_id, rest = f"{segs[1]}/{segs[2]}", segs[3:]
+        bare, rest = f"{segs[1]}/{segs[2]}", segs[3:]
+        repo_id = bare if segs[0] == "models" else dataset_id(bare)
         with hub.lock:
             if method == "GET" and (not rest or rest[0] == "revision"):
                 repo = self._repo(repo_id)
                 c = self._commit(repo, rest[1] if rest else "main")
-                return self._send(200, {"id": repo_id, "modelId": repo_id, "author": segs[1], "sha": c.oid,
+                return self._send(200, {"id": bare, "modelId": bare, "author": segs[1], "sha": c.oid,
                                         "private": repo.private, "lastModified": c.date, "tags": [],
                                         "siblings": [{"rfilename": p} for p in sorted(c.files)]})
             if method == "POST" and rest[:1] == ["branch"]:
