@@ -303,3 +303,73 @@ def test_cli_user_errors_print_nothing_on_stdout(capsys):
     assert (code, out) == (2, "") and err.startswith("evaclip: error: --nodes > 1 needs --master-addr")
     code, out, err = run_cli(["finetune-video", "--recipe", "tiny", "--dry-run"], capsys)
     assert (code, out) == (2, "") and "run it with `evaclip train ...`" in err
+
+
+# ------------------------------------------------------------------------------------- the sbatch script's requeue
+SLURM_STANDIN = Path(__file__).parent / "helpers" / "slurm"
+
+
+def _run_script(tmp_path, srun_body: str, restarts: str, signal_after_start: bool = False):
+    """The written sbatch script under bash with a stand-in `srun` (``srun_body``: a sh script) and the stand-in
+    scontrol; returns (exit code, stderr, requeued job ids)."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\n" + srun_body)
+    (bin_dir / "srun").chmod(0o755)
+    script = launch.slurm_script("t", 1, 1, run, ["train"], python=sys.executable, max_requeues=20)
+    log = tmp_path / "requeued"
+    env = {**os.environ, "PATH": f"{bin_dir}:{SLURM_STANDIN}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_RESTART_COUNT": restarts, "SLURM_REQUEUE_LOG": str(log),
+           "RUN_DIR": str(run)}
+    p = subprocess.Popen(["bash", "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    if signal_after_start:
+        time.sleep(1)
+        p.send_signal(signal.SIGUSR1)  # slurm's warning: to the batch shell only
+    err = p.communicate(timeout=60)[1]
+    return p.returncode, err, log.read_text().split() if log.exists() else []
+
+
+@pytest.mark.parametrize("code,restarts,requeued", [(75, "0", ["7"]), (75, "19", ["7"]), (75, "20", []),
+                                                     (1, "0", []), (0, "0", [])])
+def test_the_sbatch_script_requeues_a_graceful_stop_only_and_at_most_max_requeues(tmp_path, code, restarts,
+                                                                                    requeued):
+    rc, err, ids = _run_script(tmp_path, f"exit {code}\n", restarts)
+    assert rc == code and ids == requeued, err
+    if code == 75 and not requeued:
+        assert "not requeued: already restarted 20 times (compute.max_requeues)" in err
+
+
+def test_the_sbatch_script_turns_slurms_warning_into_a_stop_request_and_waits_for_the_step(tmp_path):
+    # the step ends (exit 75) only once the run folder holds STOP, as the training loop does
+    body = 'while [ ! -e "$RUN_DIR/STOP" ]; do sleep 0.05; done\nsleep 0.5\nexit 75\n'
+    rc, err, ids = _run_script(tmp_path, body, "0", signal_after_start=True)
+    assert rc == 75 and ids == ["7"], err
+    assert "the run stops after the current step" in err
+    assert "job 7 (SIGUSR1)" in (tmp_path / "run" / "STOP").read_text()
+
+
+def test_the_sbatch_script_sets_the_warning_lead_and_requeue_from_the_recipe():
+    r = load_recipe("tiny", ["compute.stop_lead_s=900", "compute.max_requeues=3"]).recipe
+    p = launch.plan("train", r, launch.LaunchOptions(launcher="slurm"), ["train"], recipe_ref="tiny",
+                    under_launcher=False, free_port=lambda: 1)
+    assert "#SBATCH --signal=B:USR1@900" in p.script and "MAX_REQUEUES=3" in p.script
+    assert "#SBATCH --requeue" in p.script and f"{sys.executable} -m evaclip_cli.engine.launch" in p.script
+
+
+def test_deepspeed_runs_from_this_interpreter_and_a_missing_pdsh_is_one_line(tmp_path):
+    assert launch.deepspeed_runner_argv(("deepspeed", "--hostfile", "h", "--module", "m"))[:4] == \
+        [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
+    hf = tmp_path / "hosts"
+    hf.write_text("node1 slots=8\nnode2 slots=8\n")
+    with pytest.raises(UserError, match=r"names other hosts \(node1, node2\).* pdsh and ssh are not installed here; "
+                                        r"install it \(apt install pdsh"):
+        launch.check_multi_host(hf, which=lambda tool: None)
+    launch.check_multi_host(hf, which=lambda tool: f"/usr/bin/{tool}")  # installed: no complaint
+    hf.write_text("localhost slots=2\n")
+    launch.check_multi_host(hf, which=lambda tool: None)  # this machine only: no ssh needed

@@ -181,7 +181,8 @@ def _start_and_stop(env, run: Path, stop) -> tuple[subprocess.Popen, float, str]
 def _resume(env, run: Path) -> None:
     """``--resume auto`` continues the job (the lock is free) for a step past its last checkpoint."""
     last = max(int(p.name.removeprefix("global_step")) for p in (run / "checkpoints").glob("global_step*"))
-    r = train(env, run, *ARGS, f"data.samples={32 * (last + 1)}", "--nproc", "2", "--resume", "auto")
+    r = train(env, run, *ARGS, f"data.samples={32 * (last + 1)}", "--nproc", "2", "--resume", "auto",
+              "--accept-changes")  # a shorter run (data.samples) than the one stopped
     assert "resumed from" in r.stdout and metrics(run)[0][-1]["step"] == last + 1
 
 

@@ -84,7 +84,7 @@ def test_the_written_sbatch_script_under_a_slurm_standin_matches_nproc_2(env, re
     script = run / "launch.sbatch"
     assert script.is_file(), r.stdout
     text = script.read_text()
-    assert "srun --kill-on-bad-exit=1 torchrun" in text and "--nnodes=2 --nproc_per_node=1" in text
+    assert "-m evaclip_cli.engine.launch" in text and "--nnodes=2 --nproc_per_node=1" in text
     venv_bin = str(Path(sys.executable).parent)
     slurm_env = {**env, "PATH": f"{STANDIN}:{venv_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
                  "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
@@ -106,6 +106,79 @@ def test_deepspeed_launcher_with_a_localhost_hostfile_matches_nproc_2(env, refer
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     _assert_same(_losses(run), reference)
+
+
+def test_deepspeed_launcher_from_a_venv_not_on_path_matches_nproc_2(env, reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != venv_bin.resolve())
+    assert shutil.which("deepspeed", path=path) is None  # what `deepspeed` from PATH would fail on
+    r = subprocess.run([str(venv_bin / "evaclip"), "train", "--out", str(run), *ARGS, "--hostfile", str(hostfile),
+                        "--launcher", "deepspeed", "--master-port", str(_port())], env={**env, "PATH": path},
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _assert_same(_losses(run), reference)
+
+
+def _slurm_env(env, tmp_path) -> dict:
+    """What sbatch gives the script of job 4242 on two nodes (both this machine), the stand-ins first on PATH."""
+    venv_bin = str(Path(sys.executable).parent)
+    return {**env, "PATH": f"{STANDIN}:{venv_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+            "MASTER_PORT": str(_port()), "SLURM_REQUEUE_LOG": str(tmp_path / "requeued")}
+
+
+def test_slurm_warning_stops_the_job_with_its_checkpoint_and_the_requeued_job_matches_nproc_2(env, reference,
+                                                                                               tmp_path):
+    import json
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    train(env, run, *ARGS, "--nodes", "2", "--nproc", "1", "--master-addr", "ignored", "--launcher", "slurm")
+    script = run / "launch.sbatch"
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@600" in text and "#SBATCH --requeue" in text
+    slurm_env = _slurm_env(env, tmp_path)
+    job = subprocess.Popen(["bash", str(script)], env=slurm_env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not ((run / "metrics.jsonl").is_file() and len(metrics(run)[0]) >= 5):
+            assert time.time() < deadline and job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(job.pid, signal.SIGUSR1)  # slurm's warning before the time limit: to the batch shell only
+        out, err = job.communicate(timeout=600)
+    finally:
+        for pid in [*_descendants(job.pid), job.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert job.returncode == 75, err[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    assert "requeueing job 4242 (restart 1 of at most 20)" in err
+    steps = sorted(int(p.name.removeprefix("global_step")) for p in (run / "checkpoints").glob("global_step*"))
+    stopped = metrics(run)[0][-1]["step"]
+    assert steps == [stopped] and 5 <= stopped < 15, (steps, stopped)  # the stop wrote the step it reached
+    assert not (run / "STOP").exists()
+    # slurm runs the requeued job's script again, SLURM_RESTART_COUNT=1: it resumes (--resume auto) and finishes
+    res = subprocess.run(["bash", str(script)], env={**slurm_env, "SLURM_RESTART_COUNT": "1",
+                                                     "MASTER_PORT": str(_port())},
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]  # finished: not requeued again
+    by_step = {}
+    for ln in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(ln)
+        if "loss" in row:
+            by_step[row["step"]] = row["loss"]
+    _assert_same([by_step[k] for k in sorted(by_step)], reference)
 
 
 def test_a_node_that_dies_mid_step_ends_the_other_with_one_line_then_resume(env, tmp_path):

@@ -206,8 +206,16 @@ def deepspeed_args(hostfile: Path, nproc: Optional[int], master_addr: Optional[s
 
 
 def slurm_script(job: str, nodes: int, nproc: int, out_dir: Path, stage_argv: Sequence[str],
-                 time_limit: str = "72:00:00", python: str = sys.executable) -> str:
+                 time_limit: str = "72:00:00", python: str = sys.executable, stop_lead_s: int = 600,
+                 max_requeues: int = 20) -> str:
+    """The sbatch script of a job: one agent per node (``run_torchrun`` of this interpreter, c10d rendezvous), run in
+    the background while the script waits. Slurm sends the script SIGUSR1 ``stop_lead_s`` seconds before the time
+    limit; its trap asks the run to stop (``RUN/STOP``, on the shared file system): every rank finishes the same
+    step, writes a checkpoint and exits with 75, and the script then requeues the job (``scontrol requeue``, at most
+    ``max_requeues`` times: ``SLURM_RESTART_COUNT``), which continues with ``--resume auto``. Any other exit code
+    ends the job with that code."""
     child = " ".join(shlex.quote(a) for a in [python, *child_argv(stage_argv)])
+    run = shlex.quote(str(out_dir))
     return f"""#!/bin/bash
 #SBATCH --job-name={job}
 #SBATCH --nodes={nodes}
@@ -216,14 +224,44 @@ def slurm_script(job: str, nodes: int, nproc: int, out_dir: Path, stage_argv: Se
 #SBATCH --cpus-per-task={max(8, 8 * nproc)}
 #SBATCH --time={time_limit}
 #SBATCH --output={out_dir}/slurm-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@{stop_lead_s}
+#SBATCH --requeue
 # written by evaclip; submit with: sbatch {out_dir}/launch.sbatch
-set -euo pipefail
+# {stop_lead_s} s before the time limit slurm sends this script USR1 (compute.stop_lead_s): it asks the run to stop
+# after the current step (RUN/STOP), every rank writes the checkpoint of that step and exits with 75, and the job is
+# requeued (at most {max_requeues} times: compute.max_requeues) to go on with --resume auto. Other codes end the job.
+set -uo pipefail
+RUN={run}
+MAX_REQUEUES={max_requeues}
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${{MASTER_PORT:-29500}}
-srun --kill-on-bad-exit=1 torchrun \\
+stop_run() {{
+  echo "evaclip: slurm's warning before the time limit (USR1): the run stops after the current step" >&2
+  date -u "+asked by the batch script of job $SLURM_JOB_ID (SIGUSR1) at %F %T UTC" > "$RUN/STOP"
+}}
+trap stop_run USR1
+srun --kill-on-bad-exit=1 {shlex.quote(python)} -m evaclip_cli.engine.launch \\
   --nnodes={nodes} --nproc_per_node={nproc} \\
   --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT \\
-  --no-python {child} --resume auto
+  --no-python {child} --resume auto &
+step=$!
+while true; do
+  wait "$step"
+  code=$?
+  kill -0 "$step" 2>/dev/null || break  # a trapped USR1 ends `wait` early: the step still runs
+done
+if [ "$code" -eq 75 ]; then
+  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt "$MAX_REQUEUES" ]; then
+    echo "evaclip: stopped with a checkpoint (exit 75); requeueing job $SLURM_JOB_ID" \\
+      "(restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of at most $MAX_REQUEUES)" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+  else
+    echo "evaclip: stopped with a checkpoint (exit 75); not requeued: already restarted $MAX_REQUEUES times" \\
+      "(compute.max_requeues); submit this script again to continue" >&2
+  fi
+fi
+exit "$code"
 """
 
 
@@ -261,7 +299,8 @@ def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe
     accum = accumulation_steps(recipe.data.global_batch, recipe.data.micro_batch, world)
     if opts.launcher == "slurm":
         sbatch = Sbatch(out_dir / "launch.sbatch", slurm_script(recipe.name, opts.nodes, opts.nproc, out_dir, argv,
-                                                                python=python))
+                                                                python=python, stop_lead_s=recipe.compute.stop_lead_s,
+                                                                max_requeues=recipe.compute.max_requeues))
         return DryRun(sbatch, world=world) if opts.dry_run else sbatch
     if not opts.dry_run and under_launcher:
         return RunHere(out_dir)
@@ -453,8 +492,9 @@ def check_multi_host(hostfile: Path, which: Callable[[str], Optional[str]], loca
     if missing:
         more = f" and {len(hosts) - 3} more" if len(hosts) > 3 else ""
         raise UserError(f"--hostfile {hostfile} names other hosts ({', '.join(hosts[:3])}{more}): DeepSpeed's "
-                        f"launcher reaches them with pdsh over ssh, and {' and '.join(missing)} is not installed "
-                        "here; install it (apt install pdsh openssh-client), or start `evaclip train --nodes N "
+                        f"launcher reaches them with pdsh over ssh, and {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not installed here; install it (apt install pdsh "
+                        "openssh-client), or start `evaclip train --nodes N "
                         "--node-rank K --master-addr HOST` on each node")
 
 
@@ -493,3 +533,7 @@ def run_deepspeed(p: DeepSpeedLauncher) -> int:
             return 128 + signal.SIGINT
     finally:
         _restore(previous)
+
+
+if __name__ == "__main__":  # the agent of one node in the sbatch script: torchrun's arguments, the ranks' exit code
+    sys.exit(run_torchrun(sys.argv[1:]))
