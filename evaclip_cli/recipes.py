@@ -387,6 +387,10 @@ class Recipe(_Section):
         if self.init.clip and self.stage == "distill":
             raise ValueError("init.clip (a whole CLIP to continue from) is read by the train and video stages; "
                              "distill takes init.vision")
+        both = [f"init.{k} = '{v}'" for k, v in (("vision", self.init.vision), ("text", self.init.text)) if v]
+        if self.init.clip and both:
+            raise ValueError(f"init.clip = '{self.init.clip}' initialises both towers, and {' and '.join(both)} too: "
+                             "set init.vision=\"\" and init.text=\"\" (or drop init.clip)")
         if self.tokens.text.method != "none" and not self.tokens.text.length:
             raise ValueError(f"tokens.text.method = '{self.tokens.text.method}' needs tokens.text.length")
         return self

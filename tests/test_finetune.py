@@ -34,6 +34,7 @@ def test_released_name_sets_the_model_section():
     (["model.embed_dim=8"], "model.embed_dim = 8"),
     (["init.clip=EVA-8B"], "vision-only MIM encoder"),
     (["stage=distill"], "distill takes init.vision"),
+    (["init.vision=EVA-8B"], "initialises both towers, and init.vision = 'EVA-8B' too"),
     (["model.lock.text_unlocked_layers=-1"], "text_unlocked_layers"),
 ])
 def test_recipe_mistakes_are_one_line(overrides, needle):
