@@ -4,7 +4,10 @@ teacher CLIP (train) -> weak-to-strong MIM distillation -> the student's CLIP (t
 (finetune-video) -> convert (DeepSpeed checkpoint -> open_clip folder) -> eval suite -> push --dry-run.
 
 Each stage is the real command, run as its own process (its own progress view), in the order a user would run them;
-a failing stage stops the chain with its exit code. The summary table gives each stage's time and headline figure.
+a failing stage stops the chain with its exit code. The summary table gives each stage's time and headline figure,
+then the teacher's and the student CLIP's zero-shot figures side by side and whether the student surpassed its
+teacher. The student CLIP starts as EVA-CLIP-18B's did (the distilled vision tower, the teacher's text tower) and
+trains for no more steps than its teacher.
 """
 from __future__ import annotations
 
@@ -43,6 +46,38 @@ def _last_loss(run: Path) -> Optional[float]:
     return next((rec["loss"] for rec in reversed(list(_records(run))) if "loss" in rec), None)
 
 
+def _last_step(run: Path) -> Optional[int]:
+    return next((int(rec["step"]) for rec in reversed(list(_records(run))) if "step" in rec), None)
+
+
+def student_samples() -> int:
+    """The student CLIP's samples: tiny-student's, capped at the teacher's steps (EVA-CLIP-18B saw 6B samples, its
+    teacher EVA02-CLIP-E/14+ 9B: the student is not given more training to beat its teacher)."""
+    from evaclip_cli.recipes import load_recipe
+
+    teacher, student = load_recipe("tiny").recipe, load_recipe("tiny-student").recipe
+    return min(student.steps, teacher.steps) * student.data.global_batch
+
+
+def teacher_vs_student(teacher: dict, student: dict, steps: tuple[Optional[int], Optional[int]] = (None, None)) \
+        -> tuple[list[tuple[str, str, str, str]], str]:
+    """Rows (set, teacher top-1, student top-1, difference in points) over the sets both logged, and the verdict in
+    words on their mean; ``steps`` = (teacher's, student's) for the sentence."""
+    sets = [k for k in teacher if k in student]
+    if not sets:
+        return [], "the teacher and the student logged no common eval set: nothing to compare"
+    rows = [(k.split("/")[0], f"{100 * teacher[k]:.1f}%", f"{100 * student[k]:.1f}%",
+             f"{100 * (student[k] - teacher[k]):+.1f}") for k in sets]
+    t, s = (sum(d[k] for k in sets) / len(sets) for d in (teacher, student))
+    diff = round(100 * (s - t), 1)
+    how = "surpassed its teacher" if diff > 0 else "matched its teacher" if diff == 0 else \
+        "did not surpass its teacher"
+    ts, ss = steps
+    trained = f", in {ss} steps to the teacher's {ts}" if ts and ss else ""
+    return rows, (f"The student CLIP {how}: mean top-1 {100 * s:.1f}% vs {100 * t:.1f}% ({diff:+.1f} points)"
+                  f"{trained}.")
+
+
 def _fmt_eval(acc: dict) -> str:
     return ", ".join(f"{k.split('/')[0]} {100 * v:.1f}%" for k, v in acc.items()) or "no eval logged"
 
@@ -63,8 +98,11 @@ def stages(out: Path) -> list[dict]:
         {"name": "distill", "argv": ["distill", "--recipe", "distill-tiny", "--teacher", o / "teacher" / "final",
                                      "--out", o / "student"],
          "figure": lambda: f"MIM loss {_last_loss(o / 'student'):.3f} (negative cosine)"},
+        # the paper's init: the distilled vision tower and the teacher's text tower; no more steps than the teacher
         {"name": "train (student CLIP)", "argv": ["train", "--recipe", "tiny-student",
-                                                  f"init.vision={o / 'student' / 'final'}", "--out", o / "clip"],
+                                                  f"init.vision={o / 'student' / 'final'}",
+                                                  f"init.text={o / 'teacher' / 'final'}",
+                                                  f"data.samples={student_samples()}", "--out", o / "clip"],
          "figure": lambda: "top-1 " + _fmt_eval(_last_eval(o / "clip"))},
         # the video stage continues the chain's last CLIP: video-tiny with the student's tower sizes
         {"name": "finetune-video", "argv": ["finetune-video", "--recipe", "video-tiny", *STUDENT,
@@ -135,6 +173,22 @@ def run_demo(out: Path, skip: int = 0) -> int:
     for name, _, secs, figure in rows:
         table.add_row(name, secs, figure)
     console.print(table)
+    _print_teacher_vs_student(console, out)
     console.print(f"total {time.perf_counter() - t_all:.0f} s; model card: {out / 'push' / 'README.md'}; "
                   f"eval table: {out / 'eval' / 'results.md'}")
     return 0
+
+
+def _print_teacher_vs_student(console, out: Path) -> None:
+    from rich.table import Table
+
+    rows, verdict = teacher_vs_student(_last_eval(out / "teacher"), _last_eval(out / "clip"),
+                                       (_last_step(out / "teacher"), _last_step(out / "clip")))
+    if rows:
+        table = Table(title="weak-to-strong: zero-shot top-1 of the teacher and the student CLIP")
+        for col in ("eval set", "teacher", "student CLIP", "student - teacher (points)"):
+            table.add_column(col, justify="left" if col == "eval set" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(verdict, soft_wrap=True)
