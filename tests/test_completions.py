@@ -208,3 +208,8 @@ def test_bash_completes_issue_examples():
 def test_bash_completes_push():
     assert bash_complete("evaclip pu") == ["push"]
     assert {"--repo", "--results", "--revision"} <= set(bash_complete("evaclip push --re"))
+
+
+def test_bash_completes_status():
+    assert bash_complete("evaclip stat") == ["status"]
+    assert "--json" in bash_complete("evaclip status --")

@@ -23,6 +23,7 @@ from evaclip_cli.cli import (
     cmd_predict,
     cmd_push,
     cmd_recipes,
+    cmd_status,
     cmd_train,
 )
 from evaclip_cli.cli.invocation import RootGroup, is_rank0
@@ -53,6 +54,7 @@ COMMANDS = (  # (group, command name, function)
     (app, "demo", cmd_demo.demo),
     (app, "finetune-video", cmd_train.finetune_video),
     (app, "push", cmd_push.push),
+    (app, "status", cmd_status.status),
     (app, "predict", cmd_predict.predict),
     (app, "embed", cmd_embed.embed),
     (recipes_app, "ls", cmd_recipes.ls),
