@@ -241,3 +241,38 @@ def test_unknown_open_clip_tag_is_one_line(hf, tmp_path, capsys):
     code, _, err = run_cli(["convert", "open_clip:EVA02-E-14-plus/laion400m", tmp_path / "x"], capsys)
     assert code == 2 and "its tags: laion2b_s9b_b144k" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_plain_open_clip_text_tower_inits_ours(hf, monkeypatch):
+    """A plain open_clip CLIP's tag (laion's ViT-bigG-14, the 5B's published text init; OpenAI's) gives its text tower
+    (top-level keys) to init.text: our tower then encodes as open_clip's did. A QuickGELU tag is refused in one line,
+    before any download."""
+    from open_clip import factory
+
+    from evaclip_cli.checkpoints.init import load_into, read_any
+    from evaclip_cli.errors import UserError
+    from evaclip_cli.models.clip import build_clip
+    from evaclip_cli.models.specs import ARCHS
+
+    text = ARCHS["tiny"].text.open_clip_cfg()
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "ViT-bigG-14", {
+        "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                        "patch_size": 16}, "text_cfg": text})
+    torch.manual_seed(5)
+    plain = open_clip.create_model("ViT-bigG-14").eval()
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    hf.create("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+              files={"open_clip_pytorch_model.bin": buf.getvalue(), "README.md": b"# bigG\n"}, lfs=True)
+    state = read_any("open_clip:ViT-bigG-14/laion2b_s39b_b160k")
+    assert state and all(k.startswith("text.") for k in state)
+    ours = build_clip(ARCHS["tiny"]).eval()
+    res = load_into(ours, state, "text.", skip=[], where="bigG", is_main=True, zero3=False)
+    assert not res["missing"]
+    tokens = torch.randint(1, 49000, (3, text["context_length"]), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_text(tokens), plain.encode_text(tokens), atol=1e-5)
+    n = len(hf.requests)
+    with pytest.raises(UserError, match="QuickGELU"):
+        read_any("ViT-bigG-14:metaclip_fullcc")
+    assert len(hf.requests) == n

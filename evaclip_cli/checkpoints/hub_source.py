@@ -94,6 +94,18 @@ def open_clip_ref(model: str, tag: str) -> HubRef:
     return HubRef(repo, filename or "open_clip_pytorch_model.bin", None)
 
 
+def open_clip_tag_cfg(text: str) -> dict:
+    """open_clip's registry entry of an open_clip tag (mean, std, quick_gelu, hf_hub, ...); {} for anything else."""
+    from evaclip_cli.models.specs import RELEASED, parse_open_clip_tag
+
+    tag = parse_open_clip_tag(text) if not text.startswith(PREFIX) and text not in RELEASED else None
+    if tag is None:
+        return {}
+    from open_clip import pretrained as registry
+
+    return dict(registry.get_pretrained_cfg(*tag))
+
+
 def _open_clip_weights(ref: HubRef) -> HubRef:
     """The file open_clip itself would load: the ``.safetensors`` twin of the registry's file when the repo has it."""
     assert ref.file is not None

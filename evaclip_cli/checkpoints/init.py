@@ -10,7 +10,13 @@ from typing import Iterable
 
 from evaclip_cli.checkpoints.io import load_state_dict
 from evaclip_cli.errors import UserError
-from evaclip_cli.models.keymaps import detect_layout, eva_to_open_clip, mim_to_open_clip_visual, timm_head_to_proj
+from evaclip_cli.models.keymaps import (
+    detect_layout,
+    eva_to_open_clip,
+    mim_to_open_clip_visual,
+    plain_clip_text,
+    timm_head_to_proj,
+)
 
 
 def read_any(path: str | Path, separate_qkv: bool = False, lazy: bool = False) -> dict:
@@ -19,9 +25,12 @@ def read_any(path: str | Path, separate_qkv: bool = False, lazy: bool = False) -
     A Hub source (``hf-hub:...``, a released name) is fetched into huggingface_hub's cache first. BAAI's HF layout
     gets its q/k/v fused; with ``lazy`` those stay ``models.lazy.LazyCat`` (computed when copied into the model,
     one at a time: what ``load_into`` does), else every value is a tensor."""
-    from evaclip_cli.checkpoints.hub_source import resolve_path
+    from evaclip_cli.checkpoints.hub_source import open_clip_tag_cfg, resolve_path
     from evaclip_cli.models.lazy import materialize_state
 
+    if not Path(str(path)).exists() and open_clip_tag_cfg(str(path)).get("quick_gelu"):
+        raise UserError(f"{path}: open_clip trained these weights with QuickGELU and evaclip's towers use GELU, so "
+                        "they would compute something else here; evaluate them with `evaclip eval -m` instead")
     state = _read_any(resolve_path(str(path))[0], separate_qkv)
     return state if lazy else materialize_state(state)
 
@@ -63,6 +72,9 @@ def _read_any(p: Path, separate_qkv: bool) -> dict:
         return {"visual." + k: v for k, v in state.items()}
     if layout == "open_clip":
         return timm_head_to_proj(state)
+    text = plain_clip_text(state)
+    if text is not None:
+        return text
     raise UserError(f"{p}: unrecognised checkpoint layout (first keys: {', '.join(list(state)[:3])})")
 
 

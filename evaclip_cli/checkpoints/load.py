@@ -178,7 +178,9 @@ def _open_clip_named(model: str, weights: Path, device: str, pretrained_cfg: Opt
         raise UserError(f"{model}: not an open_clip model name (see open_clip.list_models()) nor an evaclip model "
                         f"({', '.join(sorted(ALIASES))})")
     keys = ("mean", "std", "interpolation", "resize_mode")
-    pp = {f"image_{k}": pretrained_cfg[k] for k in keys if pretrained_cfg and pretrained_cfg.get(k)}
+    pp: dict = {f"image_{k}": pretrained_cfg[k] for k in keys if pretrained_cfg and pretrained_cfg.get(k)}
+    if pretrained_cfg and pretrained_cfg.get("quick_gelu"):  # as open_clip builds the tag (a file alone does not say)
+        pp["force_quick_gelu"] = True
     try:
         m, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=str(weights), device=device, **pp)
     except RuntimeError as e:

@@ -115,6 +115,15 @@ def mim_to_open_clip_visual(state: dict, separate_qkv: bool) -> tuple[dict, dict
     return out, extra
 
 
+def plain_clip_text(state: dict):
+    """The text tower of a plain open_clip ``CLIP`` (OpenAI's, LAION's ViT-*: ``transformer.*``, ``token_embedding``
+    at the top level), as ``text.*`` keys of evaclip's tower (the same open_clip TextTransformer); None for any
+    other state dict. Its vision tower is open_clip's own ViT, which no evaclip tower takes."""
+    if "token_embedding.weight" not in state or not any(k.startswith("transformer.resblocks.") for k in state):
+        return None
+    return {"text." + k: v for k, v in state.items() if k.startswith(_TOPLEVEL_TEXT)}
+
+
 def timm_head_to_proj(state: dict) -> dict:
     """open_clip's own EVA02 configs (``timm_proj: null``) keep the CLIP projection in timm's classifier,
     ``visual.trunk.head.*``; evaclip's towers name it ``visual.head.proj.*``. Same Linear, renamed."""
