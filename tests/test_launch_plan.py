@@ -373,3 +373,9 @@ def test_deepspeed_runs_from_this_interpreter_and_a_missing_pdsh_is_one_line(tmp
     launch.check_multi_host(hf, which=lambda tool: f"/usr/bin/{tool}")  # installed: no complaint
     hf.write_text("localhost slots=2\n")
     launch.check_multi_host(hf, which=lambda tool: None)  # this machine only: no ssh needed
+
+
+def test_the_job_exit_code_is_a_ranks_own_before_the_signals_the_agent_sent():
+    assert launch.exit_code_of([-15, 75]) == 75  # rank 1 stopped (75); the agent then ended rank 0 (SIGTERM)
+    assert launch.exit_code_of([3, 75]) == 3
+    assert launch.exit_code_of([-9, None]) == 137 and launch.exit_code_of([None]) == 1

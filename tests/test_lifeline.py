@@ -209,3 +209,14 @@ def test_ctrl_c_ends_every_process_of_the_job_with_one_line_naming_the_checkpoin
     assert lines[0].endswith("continue with --resume auto")
     print(f"no process of the job left {took:.2f} s after Ctrl-C")
     _resume(env, run)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_the_job_gracefully_at_a_checkpoint(env, tmp_path):
+    run = tmp_path / "run"
+    launcher, took, err = _start_and_stop(env, run, lambda p: os.kill(p.pid, signal.SIGTERM))
+    assert launcher.returncode == 75, err[-3000:]
+    assert "SIGTERM: the job stops after the current step with a checkpoint" in err
+    last = max(int(p.name.removeprefix("global_step")) for p in (run / "checkpoints").glob("global_step*"))
+    assert last == metrics(run)[0][-1]["step"] and last > 3  # the step it reached was written: none lost
+    assert not (run / "STOP").exists()

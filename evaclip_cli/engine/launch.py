@@ -475,10 +475,20 @@ def run_torchrun(args: list[str], out_dir: Optional[Path] = None, stop_signals: 
                 except ValueError:
                     name = f"signal {-f.exitcode}"
                 print(f"evaclip: rank {rank} (pid {f.pid}) was ended by {name}", file=sys.stderr)
-        return next((c for c in codes if c not in (0, None)), 1)
+        return exit_code_of(codes)
     finally:
         _restore(previous)
     return 0
+
+
+def exit_code_of(codes: Sequence[Optional[int]]) -> int:
+    """The job's exit code from its ranks' (in rank order): the first a rank exited with itself (75 for a graceful
+    stop, though the agent then ends the ranks still exiting with a signal), else 128 + the first signal."""
+    own = [c for c in codes if c is not None and c > 0]
+    if own:
+        return own[0]
+    signalled = [c for c in codes if c is not None and c < 0]
+    return 128 - signalled[0] if signalled else 1
 
 
 def check_multi_host(hostfile: Path, which: Callable[[str], Optional[str]], local_names: Sequence[str] = LOCAL_HOSTS
