@@ -17,7 +17,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from evaclip_cli.errors import UserError
 
@@ -160,7 +160,7 @@ class AtomicDir:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
         except OSError as e:
-            raise UserError(f"cannot create {self.tmp} ({e.strerror})") from None
+            raise UserError(f"cannot write {self.dst}: {cannot(e, self.tmp)}") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -304,6 +304,28 @@ def cannot(e: OSError, path: PathLike) -> str:
     return f"{e.strerror or type(e).__name__} ({path})"
 
 
+def write_failure(exc: BaseException, folder: PathLike) -> Optional[OSError]:
+    """The OSError behind a failed write into ``folder``: ``exc`` itself when it is one. A writer that reports a
+    failed write in its own words (torch's C++ zip writer inside ``torch.save`` and DeepSpeed checkpoints: "[enforce
+    fail at inline_container.cc] unexpected pos", "file write failed") is diagnosed by a probe: 1 MiB written and
+    synced into ``folder`` now fails the same way (a full disk, a quota, a read-only file system). None when the
+    probe succeeds: the failure was not the disk's. Call it before removing what the failed write left."""
+    if isinstance(exc, OSError):
+        return exc
+    probe = _tmp_sibling(Path(folder) / "evaclip-probe")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
 def _file_in_the_way(path: Path) -> Path:
     """The first of ``path`` and its parents that exists and is not a folder (``path`` itself when none is)."""
     for p in (path, *path.parents):
@@ -323,7 +345,7 @@ def check_output(dst: PathLike, kind: str = "file") -> None:
     if kind == "file" and dst.is_dir():
         raise UserError(f"cannot write {dst}: it is a folder; name a file (e.g. {dst / 'results.json'})")
     if kind == "folder" and dst.exists() and not dst.is_dir():
-        raise UserError(f"cannot write {dst}: it is a file, not a folder")
+        raise UserError(f"cannot write {dst}: {dst} is a file, not a folder")
     here = next((p for p in (dst, *dst.parents) if p.is_dir()), None)
     if here is not None and not os.access(here, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {dst}: permission denied ({here} is read-only for this user)")

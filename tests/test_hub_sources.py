@@ -325,3 +325,22 @@ def test_cli_end_to_end_with_environment(hub, tmp_path):
     res = run(["convert", f"hf-hub:{PT}/model.pt", tmp_path / "oc4", "--model", "tiny"], HF_TOKEN="hf_wrong")
     one_line(res.returncode, res.stderr, "401")
     assert "hf_wrong" not in res.stderr
+
+
+def test_a_read_only_cache_is_one_line(hf, tmp_path, capsys):
+    """A genuinely read-only file system as the Hugging Face cache (a tmpfs mounted read-only; as root)."""
+    from huggingface_hub import constants
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64M", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        constants.HF_HUB_CACHE = str(ro / "hub")
+        code, _, err = run_cli(["convert", f"hf-hub:{PT}/model.pt", tmp_path / "out", "--model", "tiny"], capsys)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+    line = err.strip().splitlines()[-1]  # after the "downloading ..." line
+    assert code == 2 and "Traceback" not in err, err
+    assert line.startswith(f"evaclip: error: cannot write {ro / 'hub'}") and "read-only file system" in line \
+        and "HF_HUB_CACHE" in line, line

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from evaclip_cli.atomic import AtomicDir, atomic_file
+from evaclip_cli.atomic import AtomicDir, atomic_file, cannot
 from evaclip_cli.checkpoints.io import (
     cast,
     parse_size,
@@ -97,5 +97,5 @@ def write_eva_file(state: dict, spec: ClipSpec, dst: Path, dtype=None, force=Fal
                 write_torch_file(tmp, out, td)
             cfg_tmp.write_text(json.dumps(eva_config_from_spec(spec), indent=2))
     except OSError as e:
-        raise UserError(f"cannot write {dst} ({e.strerror})") from None
+        raise UserError(f"cannot write {dst}: {cannot(e, dst)}") from None
     return [dst.name, cfg_path.name]

@@ -198,6 +198,13 @@ def hub_error(exc: BaseException, ref: HubRef, what: Optional[str] = None) -> Us
         if isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC:
             return UserError(f"the disk filled up while downloading {subject} into {cache_dir()} (the partial file is "
                              "kept and resumes next time); free some space or point HF_HUB_CACHE at a larger disk")
+        if isinstance(e, OSError) and getattr(e, "errno", None) in (errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                                     errno.EPERM):
+            from evaclip_cli.atomic import cannot
+
+            where = e.filename or cache_dir()
+            return UserError(f"cannot write {where}: {cannot(e, where)}, while downloading {subject}; point "
+                             "HF_HUB_CACHE (or HF_HOME) at a folder you can write")
     for e in chain:
         status = _status(e)
         if isinstance(e, GatedRepoError):

@@ -223,13 +223,13 @@ def write_torch_file(path: Path, state: dict, dtype=None) -> None:
     of tensors and plain values (numbers, strings). The archive is written by torch's own writer,
     ``torch._C.PyTorchFileWriter``, the class ``torch.save`` uses."""
     import collections
+    import contextlib
     import io as _io
     import pickle
-    import sys
 
     import torch
 
-    from evaclip_cli.models.lazy import LazyTensor, materialize
+    from evaclip_cli.models.lazy import LazyTensor
 
     tensors: list = []  # (value, dtype written): data/N is tensors[N]
 
@@ -268,8 +268,26 @@ def write_torch_file(path: Path, state: dict, dtype=None) -> None:
 
     buf = _io.BytesIO()
     _Pickler(buf, protocol=2).dump({k: stand_in(v) for k, v in state.items()})
-    writer = torch._C.PyTorchFileWriter(str(path))
-    for name, data in (("data.pkl", buf.getvalue()), (".format_version", b"1"), (".storage_alignment", b"64"),
+    writer = None
+    try:
+        writer = torch._C.PyTorchFileWriter(str(path))
+        _write_torch_records(writer, buf.getvalue(), tensors)
+    except RuntimeError as e:  # torch's C++ writer words a full disk as "unexpected pos": find the errno
+        from evaclip_cli.atomic import write_failure
+
+        if writer is not None:  # finish it here: its destructor would try, fail again and abort the process
+            with contextlib.suppress(RuntimeError):
+                writer.write_end_of_file()
+        raise (write_failure(e, Path(path).parent) or e) from None
+
+
+def _write_torch_records(writer, pickled: bytes, tensors: list) -> None:
+    """The archive's records: the pickle, torch's format records, then each tensor's storage in order."""
+    import sys
+
+    from evaclip_cli.models.lazy import materialize
+
+    for name, data in (("data.pkl", pickled), (".format_version", b"1"), (".storage_alignment", b"64"),
                        ("byteorder", sys.byteorder.encode())):
         writer.write_record(name, data, len(data))
     for i, (v, out) in enumerate(tensors):

@@ -44,11 +44,17 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
         if stale.exists():
             shutil.rmtree(stale)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        raise _failed_write(e, ckpt_dir / tmp_tag, is_main) from None
     dist.barrier()
     final = ckpt_dir / tag
     if is_main:
-        write_manifest(ckpt_dir / tmp_tag, {"world_size": client_state.get("world_size")})
+        try:
+            write_manifest(ckpt_dir / tmp_tag, {"world_size": client_state.get("world_size")})
+        except OSError as e:
+            raise _failed_write(e, ckpt_dir / tmp_tag, is_main) from None
         if final.exists():
             shutil.rmtree(final)
         (ckpt_dir / tmp_tag).rename(final)
@@ -61,6 +67,22 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
         prune_universal(ckpt_dir)
     dist.barrier()
     return final
+
+
+def _failed_write(e: BaseException, partial: Path, is_main: bool) -> BaseException:
+    """What a failed checkpoint write ends in: an OSError with its errno (torch's C++ writer reports a full disk as
+    a RuntimeError: ``atomic.write_failure`` probes the folder, while it is still full), so the loop says "cannot
+    write X: reason" in one line; the partial folder is removed (its space given back; ``latest`` never named it)."""
+    err = atomic.write_failure(e, partial.parent)
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    return err if err is not None else e
+
+
+def intact_note(ckpt_dir: Path) -> str:
+    """'; the last complete checkpoint (X) is intact', for the one line of a failed write ('' when there is none)."""
+    done = list_complete(Path(ckpt_dir))
+    return f"; the last complete checkpoint ({done[-1][1]}) is intact" if done else ""
 
 
 def write_manifest(tag_dir: Path, extra: Optional[dict] = None) -> None:

@@ -9,9 +9,10 @@ that asks for wandb without it installed before anything is built.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 from evaclip_cli import atomic
 from evaclip_cli.errors import UserError
@@ -79,6 +80,7 @@ class TensorBoardSink:
         except Exception:
             return
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step > 0 else None)
+        _quiet_writer_threads()
 
     def log(self, kind: str, step: int, record: dict) -> None:
         if self.writer is not None:
@@ -89,6 +91,24 @@ class TensorBoardSink:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes its event file from a thread of its own: a failed write there (a full disk) would print
+    a traceback; the sink's next call raises the same OSError, which ``Tracking`` turns into the one line."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "evaclip_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            return
+        previous(args)
+
+    hook.evaclip_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 # --------------------------------------------------------------------------------------------------- Weights & Biases
@@ -183,21 +203,39 @@ class Tracking:
     """The engine's one handle on its sinks. ``jsonl`` is the metrics.jsonl sink (its kept records are the history
     the other sinks see on resume); on ranks other than 0 there are no sinks and every call does nothing."""
 
-    def __init__(self, sinks: list, jsonl: Optional[JsonlSink] = None):
-        self.sinks, self.jsonl = sinks, jsonl
+    def __init__(self, sinks: list, jsonl: Optional[JsonlSink] = None, out_dir: Optional[Path] = None):
+        self.sinks, self.jsonl, self.out_dir = sinks, jsonl, out_dir
         self._ended = False
 
     def begin(self, start_step: int) -> None:
         history: list[dict] = []
         for s in self.sinks:
-            s.begin(start_step, history)
+            with self._writes(s):
+                s.begin(start_step, history)
             if s is self.jsonl:
                 history = self.jsonl.kept
         self._ended = False
 
     def log(self, kind: str, step: int, record: dict) -> None:
         for s in self.sinks:
-            s.log(kind, step, record)
+            with self._writes(s):
+                s.log(kind, step, record)
+
+    @contextlib.contextmanager
+    def _writes(self, sink) -> Iterator[None]:
+        """A sink's failed write (a full disk, a quota, a read-only folder: metrics.jsonl, TensorBoard's event file)
+        is one line that names the file and the run's last complete checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            raise self.write_error(e, sink) from None
+
+    def write_error(self, e: OSError, sink) -> UserError:
+        from evaclip_cli.engine.resume import intact_note
+
+        where = Path(e.filename) if e.filename else getattr(sink, "path", None) or getattr(sink, "log_dir", None)
+        note = intact_note(self.out_dir / "checkpoints") if self.out_dir is not None else ""
+        return UserError(f"cannot write {where}: {atomic.cannot(e, where or self.out_dir or '.')}{note}")
 
     def end(self, curves_png: Optional[Path] = None, ok: bool = True) -> None:
         if self._ended:
@@ -208,7 +246,7 @@ class Tracking:
             try:
                 s.end(curves_png, ok)
             except Exception as e:  # one sink's failure must not keep the others open
-                errors.append(e)
+                errors.append(self.write_error(e, s) if isinstance(e, OSError) else e)
         if errors and ok:
             raise errors[0]
 
@@ -224,4 +262,4 @@ def open_tracking(recipe, out_dir: Path, resuming: bool, is_main: bool) -> Track
         sinks.append(TensorBoardSink(out_dir / "tensorboard"))
     if recipe.logging.wandb.enabled:
         sinks.append(WandbSink(recipe, out_dir, resuming))
-    return Tracking(sinks, jsonl)
+    return Tracking(sinks, jsonl, out_dir)
