@@ -174,6 +174,14 @@ def _split_locked(t: "_Tower", trained_layers: int) -> list["_Tower"]:
                                         extra=tuple(high))]
 
 
+def _contrastive_accumulation(recipe, micro: int, gpus: int) -> int:
+    """How many micro batches a contrastive loss sees at once: the accumulation steps in the "global" mode, 1 in
+    the "micro" mode (and for distillation)."""
+    if recipe.stage == "distill" or recipe.data.contrastive_batch != "global":
+        return 1
+    return max(1, round(recipe.data.global_batch / (micro * gpus)))
+
+
 def transformer_forward_flops(layers: int, width: int, seq: int, block_matmul: int, extra=()) -> float:
     """Forward FLOPs of one sequence through a transformer tower: 2 per matmul weight per token through the blocks,
     4·L·s²·w for attention's two matmuls, 2 per weight per token of each ``extra`` matmul ((weights, tokens): patch
@@ -331,10 +339,15 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
         ]
         frozen_bytes = 0
         E = spec.embed_dim
-        loss_flops = 4.0 * E * b * n_gpus
+        # the global contrastive batch under accumulation (data.contrastive_batch): each micro batch's rows meet
+        # the features of all A micro batches of every GPU, held in a fp32 cache
+        A = _contrastive_accumulation(recipe, b, n_gpus)
+        loss_flops = 4.0 * E * A * b * n_gpus
 
         def loss_bytes(bb: float) -> float:
-            return 2 * bb * n_gpus * E * e + 2 * bb * (bb * n_gpus) * (e + 4)
+            rows = A * bb
+            cache = 2 * rows * E * 4 if A > 1 else 0
+            return 2 * rows * n_gpus * E * e + 2 * rows * (rows * n_gpus) * (e + 4) + cache
 
     trained = [t for t in towers if t.trained]
 
@@ -439,6 +452,8 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
     trained_fwd = sum(t.forward_flops() for t in trained) + loss_flops
     frozen_fwd = sum(t.forward_flops() for t in towers if not t.trained)
     model_ps = 3 * trained_fwd + frozen_fwd
+    if not distill and _contrastive_accumulation(recipe, b, n_gpus) > 1:
+        model_ps += trained_fwd  # the no-grad forward that fills the feature cache (data.contrastive_batch)
     hw_ps = model_ps + (sum(t.forward_flops() for t in trained) if ckpt else 0)
     samples = recipe.data.samples
     total_model = model_ps * samples
@@ -468,7 +483,8 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
                         usable_fraction=USABLE_FRACTION, usable_bytes=int(usable), peak_flops=peak,
                         peak_kind=PEAK_LABEL[precision]),
         "batch": dict(global_batch=recipe.data.global_batch, micro_batch=b, accumulation=accumulation,
-                      samples=samples, steps=recipe.steps),
+                      samples=samples, steps=recipe.steps, contrastive_batch=recipe.data.contrastive_batch,
+                      negatives=0 if distill else b * n_gpus * _contrastive_accumulation(recipe, b, n_gpus)),
         "tokens": dict(image=s_img, text=s_txt if not distill else 0, image_size=img_size, patches=patches,
                        image_method=recipe.tokens.image.method, text_method=recipe.tokens.text.method,
                        images_per_sample=per_sample),

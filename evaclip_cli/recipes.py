@@ -134,6 +134,11 @@ class DataSection(_Section):
     samples: int = 0  # total training samples seen (0: one pass for epoch-based data)
     global_batch: int = 256
     micro_batch: int = 32  # per GPU per step; accumulation = global / (micro * gpus)
+    # the negatives of the contrastive loss: "global" = the whole global batch, also under gradient accumulation
+    # (features of every micro batch first, without grad; then each micro batch again with grad against them, as
+    # open_clip_train's --accum-freq); "micro" = micro batch x ranks (cheaper: no second forward). MIM distillation
+    # has no negatives and ignores it
+    contrastive_batch: Literal["global", "micro"] = "global"
     resampled: bool = True
     shuffle_buffer: int = 1000
     workers: int = 2

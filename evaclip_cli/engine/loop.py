@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from evaclip_cli import atomic
 from evaclip_cli.engine import dist, schedule, tracking
@@ -31,7 +31,7 @@ from evaclip_cli.engine.guard import SkippableStep, SpikeGuard
 from evaclip_cli.engine.memory import MemoryLog, free_training_tensors, summary_line, trim_heap
 from evaclip_cli.engine.params import build_param_groups
 from evaclip_cli.engine.progress import format_rate, make_progress
-from evaclip_cli.engine.stage import Context, Stage
+from evaclip_cli.engine.stage import Context, ContrastiveStage, Stage
 from evaclip_cli.engine.stopping import GracefulStop
 from evaclip_cli.engine.telemetry import (
     FlopsModel,
@@ -361,12 +361,37 @@ class Trainer:
                 self.stop(reason, stopper)
 
     def optimizer_step(self) -> None:
-        """One optimizer step: ``accum`` finite micro batches (a non-finite one is skipped and another read), then
-        the guard's verdict on the step's loss, then DeepSpeed's step (a no-op for a spike)."""
+        """One optimizer step: ``accum`` finite micro batches, then the guard's verdict on the step's loss, then
+        DeepSpeed's step (a no-op for a spike)."""
         ctx, engine = self.ctx, self.engine
         r = self.recipe
         schedule.apply(self.optimizer.param_groups, self.step, ctx.total_steps, r.schedule.warmup_steps,
                        r.schedule.kind, r.schedule.min_lr_ratio)
+        global_batch = r.data.contrastive_batch == "global" and ctx.accum > 1 and \
+            isinstance(self.stage, ContrastiveStage)
+        losses, extra = self._accumulate_global() if global_batch else self._accumulate()
+        loss_all = dist.all_reduce_sum([sum(losses) / len(losses)])[0] / self.info.world_size
+        spike = self.guard.judge(self.step + 1, loss_all)
+        if spike:
+            self.skip.skip_next()
+            self._spike(loss_all)
+        norm = grad_norm_before_step(engine)
+        engine.step()
+        if norm is None:
+            norm = grad_norm_after_step(engine)
+        self.mem.mark("step1")  # the optimizer stepped: its moments exist now (kept once)
+        self.step += 1
+        self.samples_seen += r.data.global_batch
+        self.clock.stepped(r.data.global_batch)
+        self._window["spike_loss" if spike else "loss"].append(loss_all)
+        if norm is not None and not spike:
+            self._window["grad_norm"].append(norm)
+        self._extra = extra
+
+    def _accumulate(self) -> tuple[list[float], dict[str, float]]:
+        """Forward and backward of ``accum`` micro batches, each its own loss (a non-finite one is skipped and
+        another read); every DeepSpeed step but the last, which ``optimizer_step`` takes."""
+        ctx, engine = self.ctx, self.engine
         losses: list[float] = []
         extra: dict[str, float] = {}
         while len(losses) < ctx.accum:
@@ -385,23 +410,46 @@ class Trainer:
                 extra[k] = extra.get(k, 0.0) + v / ctx.accum
             if len(losses) < ctx.accum:
                 engine.step()  # not a boundary: DeepSpeed only counts the micro step
-        loss_all = dist.all_reduce_sum([sum(losses) / len(losses)])[0] / self.info.world_size
-        spike = self.guard.judge(self.step + 1, loss_all)
-        if spike:
-            self.skip.skip_next()
-            self._spike(loss_all)
-        norm = grad_norm_before_step(engine)
-        engine.step()
-        if norm is None:
-            norm = grad_norm_after_step(engine)
-        self.mem.mark("step1")  # the optimizer stepped: its moments exist now (kept once)
-        self.step += 1
-        self.samples_seen += r.data.global_batch
-        self.clock.stepped(r.data.global_batch)
-        self._window["spike_loss" if spike else "loss"].append(loss_all)
-        if norm is not None and not spike:
-            self._window["grad_norm"].append(norm)
-        self._extra = extra
+        return losses, extra
+
+    def _accumulate_global(self) -> tuple[list[float], dict[str, float]]:
+        """The contrastive batch is the global batch (``data.contrastive_batch = "global"``): the features of all
+        ``accum`` micro batches first, without grad (a non-finite loss discards the set and reads another); then
+        each micro batch's forward again with grad, its loss against the whole accumulated batch of every rank
+        (its own rows replaced by the ones with grad). The gradients of the passes add up to the gradient of the
+        global batch's loss: DeepSpeed's 1/accum scaling is off, and ``logit_scale`` takes 1/accum of its gradient in each
+        pass (a parameter without a gradient in some micro steps is accumulated inexactly by ZeRO-3).
+        """
+        import torch
+
+        ctx, engine, stage = self.ctx, self.engine, cast(ContrastiveStage, self.stage)
+        while True:
+            batches = [self.clock.next_batch(self.data_iter) for _ in range(ctx.accum)]
+            for batch in batches:
+                stage.consumed(batch)
+            base = engine.micro_steps  # seeds CLIPA's reducer: the same tokens in both passes
+            with torch.no_grad():
+                cached = [stage.features(ctx, batch, self.step, base + i) for i, batch in enumerate(batches)]
+                imgs, txts = [c[0] for c in cached], [c[1] for c in cached]
+                value = float(stage.contrastive_loss(ctx, torch.cat(imgs), torch.cat(txts), cached[-1][2]))
+            if not dist.any_true(not math.isfinite(value)):
+                break
+            self._nonfinite()
+        self.consecutive_bad = 0
+        extra: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            img, txt, scale, m = stage.features(ctx, batch, self.step, base + i)
+            last = i == ctx.accum - 1
+            # every pass sees the whole loss's dependence on logit_scale: 1/accum of its gradient each
+            shared = scale.detach() + (scale - scale.detach()) / ctx.accum
+            loss = stage.contrastive_loss(ctx, torch.cat([*imgs[:i], img, *imgs[i + 1:]]),
+                                          torch.cat([*txts[:i], txt, *txts[i + 1:]]), shared)
+            engine.backward(loss, scale_wrt_gas=False)
+            for k, v in {"logit_scale": float(scale.detach()), **m}.items():
+                extra[k] = extra.get(k, 0.0) + v / ctx.accum
+            if not last:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro step
+        return [value], extra
 
     def _nonfinite(self) -> None:
         self.counters["nonfinite"] += 1

@@ -82,6 +82,19 @@ class Stage(Protocol):
         from the checkpoint (``checkpoints.deepspeed``, streamed), never from ``ctx.engine``."""
 
 
+@runtime_checkable
+class ContrastiveStage(Stage, Protocol):
+    """A stage whose loss has negatives (CLIP, video): the engine can make its contrastive batch the global batch
+    under gradient accumulation (``data.contrastive_batch``). MIM distillation has none."""
+
+    def features(self, ctx: Context, batch: dict, step: int, micro: int) -> tuple[Any, Any, Any, dict]:
+        """(paired image embeddings, text embeddings, logit scale, metrics) of one micro batch; ``micro`` seeds any
+        randomness of the forward, so two forwards of one batch agree."""
+
+    def contrastive_loss(self, ctx: Context, img: Any, txt: Any, scale: Any) -> Any:
+        """The loss of these rows against the same tensors of every rank."""
+
+
 class LoaderStage:
     """What every stage shares: data bookkeeping (its ``build_loader`` sets ``self._data``, a resumable loader) and
     no periodic eval or export unless the stage defines them."""

@@ -139,23 +139,37 @@ class ClipStage(LoaderStage):
 
     # ---- loss ------------------------------------------------------------------------------------------------
     def loss(self, ctx, batch, step):
-        import torch
-        from open_clip.loss import ClipLoss
+        """The contrastive loss of one micro batch against the micro batches of all ranks
+        (``data.contrastive_batch = "micro"``; the engine's global mode calls ``features`` and
+        ``contrastive_loss`` itself)."""
+        img, txt, scale, extra = self.features(ctx, batch, step, ctx.engine.micro_steps)
+        return self.contrastive_loss(ctx, img, txt, scale), {"logit_scale": float(scale.detach()), **extra}
 
-        if not hasattr(self, "_loss"):
-            self._loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
-                                  rank=ctx.info.rank, world_size=ctx.info.world_size)
-            self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.deepspeed.precision,
-                                                                              torch.float32)
+    def features(self, ctx, batch, step, micro: int):
+        """(image embeddings paired with the captions, text embeddings, logit scale, extra metrics) of one micro
+        batch through the engine's forward. ``micro`` (DeepSpeed's micro step of this batch) seeds CLIPA's token
+        reducer, so a second forward of the same batch (the global contrastive batch) drops the same tokens."""
+        import torch
+
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.deepspeed.precision,
+                                                                          torch.float32)
         if self.reducer is not None:
-            self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
+            self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, micro)))
         images = batch["image"].to(ctx.device, dtype=self._dtype, non_blocking=True)
         texts = batch["text"].to(ctx.device, non_blocking=True)
         img, txt, scale = ctx.engine(images, texts)  # the engine's forward: ZeRO hooks, precision
         scale = scale.float().clamp(max=100.0).reshape(())  # logit_scale clamped to ln(100)
         img, extra = self.pool(img.float(), batch)
-        loss = self._loss(img, txt.float(), scale)
-        return loss, {"logit_scale": float(scale.detach()), **extra}
+        return img, txt.float(), scale, extra
+
+    def contrastive_loss(self, ctx, img, txt, scale):
+        """open_clip's ClipLoss of these rows against the same tensors of every rank (gathered with grad)."""
+        if not hasattr(self, "_loss"):
+            from open_clip.loss import ClipLoss
+
+            self._loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
+                                  rank=ctx.info.rank, world_size=ctx.info.world_size)
+        return self._loss(img, txt, scale)
 
     def pool(self, img, batch):
         """Image embeddings -> the embeddings paired with the captions (identity here; the video stage averages
