@@ -20,7 +20,9 @@ from evaclip_cli.models.specs import (
 from conftest import REFERENCE
 
 # vision-tower counts of the reference code on the meta device (tests/fixtures/reference/README.md)
-REFERENCE_VISION = {"18b": 17_630_494_720, "8b": 7_526_088_704, "5b": 4_350_556_928, "b16": 86_263_040}
+REFERENCE_VISION = {"18b": 17_630_494_720, "8b": 7_526_088_704, "5b": 4_350_556_928, "b16": 86_263_040,
+                    # EVA02-CLIP-L/14 and E/14 as open_clip 3.3 builds EVA02-L-14 / EVA02-E-14 (its visual tower)
+                    "l14": 304_105_152, "e14": 4_350_556_928}
 RELEASED_JSON = {"18b": "EVA-CLIP-18B.json", "8b": "EVA-CLIP-8B.json", "5b": "EVA02-CLIP-bigE-14-plus.json",
                  "b16": "EVA02-CLIP-B-16.json"}
 
@@ -35,7 +37,7 @@ def test_exact_parameter_counts(arch):
 
 def test_paper_counts_spelled_out():
     assert REFERENCE_PARAMS == {"18b": 18_325_482_241, "8b": 8_220_748_545, "5b": 5_044_889_089,
-                                "b16": 149_691_137}
+                                "b16": 149_691_137, "l14": 427_755_457, "e14": 4_704_589_569}
 
 
 @pytest.mark.parametrize("arch", sorted(RELEASED_JSON))
