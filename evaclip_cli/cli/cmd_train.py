@@ -137,7 +137,9 @@ def distill(
     recipe: Recipe = "distill-tiny",
     overrides: Overrides = None,
     teacher: Annotated[Optional[str], typer.Option(
-        "--teacher", help="Teacher CLIP (open_clip folder, EVA .pt, run); same as distill.teacher=...")] = None,
+        "--teacher", help="Teacher CLIP (open_clip folder, EVA .pt, run, a released name such as EVA02-CLIP-E-14-plus, "
+        "hf-hub:..., an open_clip tag such as open_clip:EVA02-E-14-plus/laion2b_s9b_b144k); same as "
+        "distill.teacher=...")] = None,
     nproc: Nproc = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = None,
     master_port: MasterPort = None, hostfile: Hostfile = None, launcher: LauncherOpt = None,
     dry_run: DryRunFlag = False, out: Out = None, resume: Resume = None, accept_changes: AcceptChanges = False,
