@@ -252,10 +252,16 @@ class OutputLock:
             fh.close()
         else:
             raise UserError(f"cannot lock {self.what}: its lock file keeps changing ({self.path})")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            fh.flush()
+        except OSError:  # a full disk: no lock file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            fh.close()
+            raise
         self._fh = fh
         return self
 

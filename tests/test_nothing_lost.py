@@ -308,3 +308,29 @@ def test_a_pt_export_that_fills_the_disk_is_one_line(tiny_clip_folder, full_disk
     line = _one_line(capsys, ["convert", tiny_clip_folder, out, "--to", "eva"])
     assert line == f"evaclip: error: cannot write {out}: no space left on the device holding {out}", line
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_commands_that_start_on_a_full_disk_are_one_line_and_leave_no_lock(env, full_disk, capsys):
+    from helpers.runs import train
+
+    fill(full_disk)
+    run = full_disk / "run"
+    r = train(env, run, "--recipe", "tiny", "data.samples=64", check=False, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"evaclip: error: cannot write {run}: no space left on the device holding {run}"], r.stderr[-2000:]
+    assert not (run / ".evaclip.lock").exists()
+    demo = full_disk / "demo"
+    line = _one_line(capsys, ["data", "make-demo", demo, "--train", "64", "--val", "16", "--videos", "0"])
+    assert line == f"evaclip: error: cannot write {demo}: no space left on the device holding {demo}", line
+
+
+def test_a_write_failure_no_writer_named_is_still_one_line():
+    import errno
+
+    from evaclip_cli.cli.app import _write_failure_line
+
+    assert _write_failure_line(OSError(errno.ENOSPC, "No space left on device", "/x/f")) == \
+        "evaclip: error: cannot write /x/f: no space left on the device holding /x/f"
+    assert _write_failure_line(OSError(errno.EDQUOT, "Disk quota exceeded")).startswith(
+        "evaclip: error: a write failed: disk quota exceeded")
+    assert _write_failure_line(OSError(errno.ENOENT, "No such file or directory", "/x")) is None  # internal

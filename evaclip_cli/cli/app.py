@@ -89,7 +89,8 @@ def _root(
 
 
 def main(argv: Optional[list] = None) -> int:
-    """Console entry point. Exit codes: 0 ok; 2 a user error (one line on stderr); 3 a run that had to stop (one
+    """Console entry point. Exit codes: 0 ok; 2 a user error or a write refused (full disk, quota, read-only; one
+    line on stderr); 3 a run that had to stop (one
     line); 75 a graceful stop by signal or RUN/STOP, its checkpoint written (continue with --resume auto); 1 an
     internal error (one line, the traceback with EVACLIP_DEBUG=1); 130 interrupted (Ctrl-C)."""
     args = list(map(str, argv)) if argv is not None else sys.argv[1:]
@@ -116,12 +117,32 @@ def main(argv: Optional[list] = None) -> int:
             print(f"evaclip: {e}", file=sys.stderr)
         return e.exit_code
     except Exception as e:
+        line = _write_failure_line(e) if isinstance(e, OSError) else None
+        if line is not None:  # a full disk, a quota, a read-only folder that no writer named: still one line
+            if is_rank0(os.environ):
+                print(line, file=sys.stderr)
+            return UserError.exit_code
         if os.environ.get("EVACLIP_DEBUG"):  # an evaclip bug, not bad input: one line, traceback on request
             raise
         print(f"evaclip: internal error: {type(e).__name__}: {e} (set EVACLIP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _write_failure_line(e: OSError) -> Optional[str]:
+    """The one line of a write no writer turned into a UserError (a full disk, a quota, a read-only folder), None
+    for any other OSError (an internal error)."""
+    import errno
+
+    from evaclip_cli.atomic import cannot
+
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    if not e.filename:
+        return f"evaclip: error: a write failed: {(e.strerror or 'error').lower()}; free some space or choose " \
+               "another output"
+    return f"evaclip: error: cannot write {e.filename}: {cannot(e, e.filename)}"
 
 
 def entry() -> None:

@@ -26,10 +26,16 @@ def make_demo(
     retrieval manifest)."""
     from rich.console import Console
 
+    from evaclip_cli.atomic import cannot, check_output
     from evaclip_cli.data.demo import make_demo as write_demo
+    from evaclip_cli.errors import UserError
 
-    meta = write_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
-                      n_videos=videos, video_per_class=video_per_class, force=force)
+    check_output(out, "folder")
+    try:
+        meta = write_demo(out, n_train=train, n_val=val, image_size=image_size, seed=seed, per_class=per_class,
+                          n_videos=videos, video_per_class=video_per_class, force=force)
+    except OSError as e:  # a full disk, a read-only folder
+        raise UserError(f"cannot write {out}: {cannot(e, out)}") from None
     zs = ", ".join(f"{k} ({len(v['classes'])} classes)" for k, v in meta["zeroshot"].items())
     line = (f"{out}: {meta['train']['samples']} train pairs in {meta['train']['shards']} shards, "
             f"{meta['val']['samples']} held-out pairs, zero-shot sets: {zs}")
