@@ -4,8 +4,9 @@ ZeRO-3, on one rank and across ranks; "micro" keeps the cheaper per-micro-batch 
 second forward and the negatives."""
 import pytest
 import torch
-from helpers.runs import metrics, train
 from safetensors.torch import load_file
+
+from helpers.runs import metrics, train
 
 BASE = ["--recipe", "tiny", "data.samples=160", "data.global_batch=32", "data.workers=1", "eval.every_steps=0",
         "logging.log_every=1", "logging.checkpoint_every=0"]

@@ -417,9 +417,8 @@ class Trainer:
         ``accum`` micro batches first, without grad (a non-finite loss discards the set and reads another); then
         each micro batch's forward again with grad, its loss against the whole accumulated batch of every rank
         (its own rows replaced by the ones with grad). The gradients of the passes add up to the gradient of the
-        global batch's loss: DeepSpeed's 1/accum scaling is off, and ``logit_scale`` takes 1/accum of its gradient in each
-        pass (a parameter without a gradient in some micro steps is accumulated inexactly by ZeRO-3).
-        """
+        global batch's loss: DeepSpeed's 1/accum scaling is off, and ``logit_scale`` takes 1/accum of its gradient
+        in each pass (a parameter without a gradient in some micro steps is accumulated inexactly by ZeRO-3)."""
         import torch
 
         ctx, engine, stage = self.ctx, self.engine, cast(ContrastiveStage, self.stage)

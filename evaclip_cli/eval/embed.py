@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from evaclip_cli.errors import UserError
+from evaclip_cli.models.clip import torch_dtype
 
 CONFIG = "embed_config.json"
 SUMMARY = "embed.json"
@@ -558,7 +559,7 @@ def run_embed(job: EmbedJob, p: Optional[Plan] = None) -> Optional[dict]:
                            arch=job.arch)
         if job.tokens:
             token_tower(loaded.model)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[job.dtype]
+        dtype = torch_dtype(job.dtype)
         ctx = _Ctx(loaded, device, dtype, autocast(device, resolve_precision(job.precision, device)), job, p)
         total = sum(len(p.shard_rows(s)) for s in mine)
         with torch.no_grad(), _Report(total, len(mine), rank, world) as report:

@@ -82,11 +82,18 @@ def tower_params(model) -> dict:
     return {"vision": vision, "text": text, "other": total - vision - text, "total": total}
 
 
-def resample_pos_embed(pos_embed, new_grid: int, num_prefix_tokens: int = 1):
-    """Bicubic resampling of a ViT position embedding [1, prefix + g*g, C] to a new grid (CLIPA fine-tuning,
-    336/448 variants). Prefix (CLS) tokens are kept as they are."""
+def torch_dtype(precision: str):
+    """The torch dtype of a recipe's or command's precision ("bf16", "fp16", "fp32")."""
     import torch
-    import torch.nn.functional as F
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def resample_pos_embed(pos_embed, new_grid: int, num_prefix_tokens: int = 1):
+    """A ViT position embedding [1, prefix + g*g, C] on a new grid (CLIPA fine-tuning, 336/448 variants): timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased when shrinking; prefix tokens kept), after checking that the
+    embedding is a square grid."""
+    from timm.layers import resample_abs_pos_embed
 
     n = pos_embed.shape[1] - num_prefix_tokens
     old = int(math.isqrt(n))
@@ -94,19 +101,8 @@ def resample_pos_embed(pos_embed, new_grid: int, num_prefix_tokens: int = 1):
         raise ValueError(f"position embedding has {n} patch tokens, not a square grid")
     if old == new_grid:
         return pos_embed
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    dtype = grid.dtype
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=old > new_grid)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
-def adapt_state_dict_resolution(state: dict, spec: ClipSpec, key: str = "visual.trunk.pos_embed") -> dict:
-    """Resample ``key`` in an open_clip-layout state dict to ``spec``'s image size, if it differs."""
-    if key in state:
-        state[key] = resample_pos_embed(state[key], spec.vision.grid)
-    return state
+    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], [old, old], num_prefix_tokens=num_prefix_tokens,
+                                  interpolation="bicubic", antialias=old > new_grid)
 
 
 def build_visual(spec: ClipSpec):

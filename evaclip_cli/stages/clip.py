@@ -7,6 +7,7 @@ from typing import Optional
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.errors import UserError
+from evaclip_cli.models.clip import torch_dtype
 from evaclip_cli.stages.common import ensure_demo, shard_pattern
 
 
@@ -149,10 +150,8 @@ class ClipStage(LoaderStage):
         """(image embeddings paired with the captions, text embeddings, logit scale, extra metrics) of one micro
         batch through the engine's forward. ``micro`` (DeepSpeed's micro step of this batch) seeds CLIPA's token
         reducer, so a second forward of the same batch (the global contrastive batch) drops the same tokens."""
-        import torch
 
-        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.deepspeed.precision,
-                                                                          torch.float32)
+        self._dtype = torch_dtype(self.recipe.deepspeed.precision)
         if self.reducer is not None:
             self.reducer.reseed(hash((self.recipe.seed, step, ctx.info.rank, micro)))
         images = batch["image"].to(ctx.device, dtype=self._dtype, non_blocking=True)
@@ -194,15 +193,13 @@ class ClipStage(LoaderStage):
         """The zero-shot figures of the eval sets (top-1/top-5, retrieval recalls): ``evaclip eval``'s core (same
         preprocessing, prompts, classifier, skip-and-count rule) on the model being trained, with full-length text
         attention for the prompts and captions."""
-        import torch
 
         from evaclip_cli.eval.runner import evaluate_live
 
         sets = self.live_eval_sets()
         if not sets:
             return {}
-        dtype = getattr(self, "_dtype", None) or {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            self.recipe.deepspeed.precision, torch.float32)
+        dtype = torch_dtype(self.recipe.deepspeed.precision)
         model = ctx.engine.module
         model.text.attn_mask = self._full_attn_mask  # full-length class prompts
         try:

@@ -22,6 +22,7 @@ from evaclip_cli import atomic
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.errors import UserError
+from evaclip_cli.models.clip import torch_dtype
 
 
 def block_mask(grid: int, ratio: float, min_patches: int, aspect: tuple[float, float], rng: random.Random):
@@ -237,7 +238,7 @@ class DistillStage(LoaderStage):
         import torch.nn.functional as F
 
         r, d = self.recipe, self.recipe.distill
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.deepspeed.precision, torch.float32)
+        dtype = torch_dtype(r.deepspeed.precision)
         images = batch["image"].to(ctx.device, dtype=dtype)
         rng = random.Random(hash((r.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
         grid = self.spec.vision.grid

@@ -1,6 +1,6 @@
 """``evaclip finetune-video``: the video stage of EVA-CLIP-18B.
 
-Training (``VideoStage``, the CLIP stage of ``train.py`` with video data): every frame of a clip goes through the
+Training (``VideoStage``, the CLIP stage of ``stages/clip.py`` with video data): every frame of a clip goes through the
 shared vision tower in one forward (a batch's clips and images are one tensor of frames), a clip's embedding is the
 mean of its L2-normalised frame embeddings (renormalised, ``models.pooling``), and the contrastive loss pairs it with
 its caption; images are one-frame clips, mixed in by weight (``video.image_weight`` / ``video.video_weight`` times
