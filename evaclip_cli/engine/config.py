@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 from evaclip_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -21,13 +25,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def reduce_bucket_elems(recipe, on_gpu: bool) -> int:
+def reduce_bucket_elems(recipe: Recipe, on_gpu: bool) -> int:
     """The gradient bucket (elements) of ZeRO >= 1: a recipe's ``deepspeed.extra`` wins over evaclip's default."""
     extra = (recipe.deepspeed.extra or {}).get("zero_optimization", {})
     return int(float(extra.get("reduce_bucket_size", 5e8 if on_gpu else 5e7)))
 
 
-def deepspeed_config(recipe, world_size: int, on_gpu: bool) -> dict:
+def deepspeed_config(recipe: Recipe, world_size: int, on_gpu: bool) -> dict:
     ds, data = recipe.deepspeed, recipe.data
     accum = accumulation_steps(data.global_batch, data.micro_batch, world_size)
     cfg: dict = {

@@ -17,10 +17,13 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from evaclip_cli.engine.config import accumulation_steps
 from evaclip_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 LAUNCH_FLAGS_WITH_VALUE = ("--nproc", "--nodes", "--node-rank", "--master-addr", "--master-port", "--hostfile",
                            "--launcher")
@@ -273,7 +276,7 @@ def check_stage(stage: str, recipe_stage: str, recipe_ref: str) -> None:
                         f"{STAGE_COMMANDS[recipe_stage]} ...`")
 
 
-def plan(stage: str, recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe_ref: str,
+def plan(stage: str, recipe: Recipe, opts: LaunchOptions, argv: Sequence[str], *, recipe_ref: str,
          out: Optional[Path] = None, under_launcher: bool, free_port: Callable[[], int],
          python: str = sys.executable) -> Plan:
     """How to run training stage ``stage`` ('train', 'distill' or 'video') of the resolved ``recipe``.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from evaclip_cli import atomic
 from evaclip_cli.engine import dist, schedule, tracking
@@ -43,13 +43,16 @@ from evaclip_cli.engine.telemetry import (
 )
 from evaclip_cli.errors import Interrupted, PeerLost, StopRequested, TrainingStopped, UserError, first_line
 
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
+
 __all__ = ["run", "format_rate", "plot_curves", "write_recipe", "EVAL_HEADLINES"]
 
 FlopsFor = Callable[[int, str], FlopsModel]  # (world size, device) -> FLOPs per sample and device peak
 RECIPE_HISTORY = "recipe_history"  # RUN/recipe_history/segmentN.toml: the recipe of each segment of a run
 
 
-def write_recipe(recipe, out_dir: Path, segment: int = 1) -> Path:
+def write_recipe(recipe: Recipe, out_dir: Path, segment: int = 1) -> Path:
     """``RUN/evaclip_recipe.toml`` (the current segment's recipe, read by ``evaclip convert --from deepspeed``) and
     its copy in ``RUN/recipe_history/``."""
     from evaclip_cli.recipes import recipe_to_toml
@@ -101,7 +104,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     return out_png
 
 
-def run(recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None,
+def run(recipe: Recipe, stage: Stage, out_dir: Optional[Path] = None, resume: Optional[str] = None,
         quiet: bool = False, flops: Optional[FlopsFor] = None, accept_changes: bool = False) -> dict:
     """Train ``stage`` under ``recipe``; returns the final metrics (on every rank). ``flops`` gives the model FLOPs
     per sample and the device peak for the telemetry (the stage asks the estimator); ``accept_changes`` lets a
@@ -162,7 +165,7 @@ def _lock_run_folder(out_dir: Path, info: dist.DistInfo):
     return lock
 
 
-def _run(recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool, events: Events,
+def _run(recipe: Recipe, stage: Stage, ctx: Context, resume: Optional[str], quiet: bool, events: Events,
          flops: Optional[FlopsFor], accept_changes: bool) -> dict:
     info, out_dir = ctx.info, ctx.out_dir
     ckpt_dir = out_dir / "checkpoints"

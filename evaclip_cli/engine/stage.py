@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol, runtime_checkable
 
 from evaclip_cli.engine import dist
 from evaclip_cli.engine.params import TowerCfg
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 
 @dataclass
@@ -19,7 +22,7 @@ class Context:
     """What the engine hands a stage: the recipe, the run folder, this process's place in the job and, once built,
     the DeepSpeed engine."""
 
-    recipe: Any
+    recipe: Recipe
     out_dir: Path
     info: dist.DistInfo
     ds_config: dict

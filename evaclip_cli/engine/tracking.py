@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 from evaclip_cli import atomic
 from evaclip_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 WANDB_INSTALL = "pip install 'evaclip[wandb]'"
 WANDB_RUN_ID = "wandb_run_id"  # RUN/wandb_run_id: the wandb run a resumed run continues
@@ -112,7 +115,7 @@ def _quiet_writer_threads() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- Weights & Biases
-def check_available(recipe) -> None:
+def check_available(recipe: Recipe) -> None:
     """Stop a recipe that asks for wandb when it cannot be imported (called before any model is built)."""
     if not recipe.logging.wandb.enabled:
         return
@@ -134,7 +137,7 @@ class WandbSink:
 
     TABLE_COLUMNS: list = ["step", "metric", "value"]
 
-    def __init__(self, recipe, out_dir: Path, resuming: bool):
+    def __init__(self, recipe: Recipe, out_dir: Path, resuming: bool):
         import wandb
 
         self._wandb = wandb
@@ -251,7 +254,7 @@ class Tracking:
             raise errors[0]
 
 
-def open_tracking(recipe, out_dir: Path, resuming: bool, is_main: bool) -> Tracking:
+def open_tracking(recipe: Recipe, out_dir: Path, resuming: bool, is_main: bool) -> Tracking:
     """The sinks ``recipe.logging`` asks for (rank 0; an empty ``Tracking`` elsewhere). The wandb run starts here,
     so a wandb that cannot log in stops the run before the model is built."""
     if not is_main:

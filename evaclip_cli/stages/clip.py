@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli.engine.stage import LoaderStage
@@ -10,13 +10,16 @@ from evaclip_cli.errors import UserError
 from evaclip_cli.models.clip import torch_dtype
 from evaclip_cli.stages.common import ensure_demo, shard_pattern
 
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
+
 
 class ClipStage(LoaderStage):
     """Model, data and loss of contrastive image-text training; everything else is the engine's."""
 
     name = "train"
 
-    def __init__(self, recipe):
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.spec = recipe.spec()
         self._data = None
@@ -250,7 +253,7 @@ def init_clip(model, src: str, separate_qkv: bool, is_main: bool, zero3: bool, l
     log(f"init clip from {src}: {res['loaded']} tensors loaded{missing}")
 
 
-def prepare_recipe(recipe):
+def prepare_recipe(recipe: Recipe) -> Recipe:
     """The model trains at the reduced resolution when CLIPA's resize reduction is on: make the recipe's model say
     so, so that checkpoints, exports and estimates describe the model that actually trained. A whole CLIP to start
     from (``init.clip``) that the recipe could not read without fetching it (a Hub source) sets the model here."""
@@ -266,7 +269,7 @@ def prepare_recipe(recipe):
     return recipe
 
 
-def run_train(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
+def run_train(recipe: Recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
               accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run

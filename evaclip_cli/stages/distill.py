@@ -16,13 +16,16 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from evaclip_cli import atomic
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli.engine.stage import LoaderStage
 from evaclip_cli.errors import UserError
 from evaclip_cli.models.clip import torch_dtype
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 
 def block_mask(grid: int, ratio: float, min_patches: int, aspect: tuple[float, float], rng: random.Random):
@@ -129,7 +132,7 @@ def load_teacher_state(path: str, spec) -> dict:
     return vis
 
 
-def teacher_spec_for(recipe):
+def teacher_spec_for(recipe: Recipe):
     from evaclip_cli.models.openclip_compat import CONFIG_NAME
     from evaclip_cli.models.specs import RELEASED, parse_open_clip_tag, resolve_arch, spec_from_open_clip_cfg
 
@@ -146,7 +149,7 @@ def teacher_spec_for(recipe):
 class DistillStage(LoaderStage):
     name = "distill"
 
-    def __init__(self, recipe):
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.spec = recipe.spec()
         self.teacher_spec = teacher_spec_for(recipe)
@@ -280,7 +283,7 @@ def load_teacher_tower(model, state, ctx, zero3, prefix="teacher."):
                      zero3=zero3)
 
 
-def run_distill(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
+def run_distill(recipe: Recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False,
                 accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run

@@ -12,12 +12,15 @@ Periodic eval: the image sets (forgetting shows there) and the video sets, throu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from evaclip_cli.errors import UserError
 from evaclip_cli.models.pooling import pool_frames
 from evaclip_cli.stages.clip import ClipStage
 from evaclip_cli.stages.common import ensure_demo, shard_pattern
+
+if TYPE_CHECKING:
+    from evaclip_cli.recipes import Recipe
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -79,7 +82,7 @@ class VideoStage(ClipStage):
         return self.recipe.video.frames
 
 
-def run_finetune_video(recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None,
+def run_finetune_video(recipe: Recipe, out_dir: Optional[Path] = None, resume: Optional[str] = None,
                        quiet: bool = False, accept_changes: bool = False) -> dict:
     from evaclip_cli.engine import dist
     from evaclip_cli.engine.loop import run
