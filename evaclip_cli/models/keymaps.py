@@ -169,21 +169,74 @@ def check_against_model(state: dict, expected: dict, where: str, ignore: Iterabl
 
 
 # ------------------------------------------------------------------------------- BAAI's HF remote-code layout
-_HF_V = "vision_model."
-_HF_T = "text_model."
-_HF_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+LN_100 = 4.605170185988092  # ln(100): BAAI's EvaCLIPModel hard-codes logit_scale = 100
+
+# Renames inside one transformer block, HF -> open_clip (the inverse is open_clip -> HF). A name ending in "." is a
+# prefix (the rest of the key is kept), any other name is a whole key.
 _HF_VISION_BLOCK = {"layer_norm1.": "norm1.", "layer_norm2.": "norm2.", "self_attn.out_proj.": "attn.proj.",
                     "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}
 _HF_TEXT_BLOCK = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "self_attn.out_proj.": "attn.out_proj.",
                   "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
-LN_100 = 4.605170185988092  # ln(100): BAAI's EvaCLIPModel hard-codes logit_scale = 100
+# tower -> (HF block prefix, open_clip block prefix, renames)
+_HF_TOWERS = {"vision": ("vision_model.encoder.layers.", "visual.trunk.blocks.", _HF_VISION_BLOCK),
+              "text": ("text_model.encoder.layers.", "text.transformer.resblocks.", _HF_TEXT_BLOCK)}
+_HF_BLOCK_KEY = re.compile(r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)$")
+_OC_BLOCK_KEY = re.compile(r"^(visual\.trunk\.blocks|text\.transformer\.resblocks)\.(\d+)\.(.+)$")
+_OC_TOWER = {"visual.trunk.blocks": "vision", "text.transformer.resblocks": "text"}
+_HF_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
+# open_clip block keys that have no twin in the renames: fused q/k/v, split into HF's three ("{}": q, k, v) ...
+_OC_FUSED = {("vision", "attn.qkv.weight"): "self_attn.{}_proj.weight",
+             ("text", "attn.in_proj_weight"): "self_attn.{}_proj.weight",
+             ("text", "attn.in_proj_bias"): "self_attn.{}_proj.bias"}
+# ... and the vision tower's q/v biases and B/16-style separate projections
+_OC_VISION_EXTRA = {"attn.q_bias": "self_attn.q_proj.bias", "attn.v_bias": "self_attn.v_proj.bias",
+                    "attn.q_proj.": "self_attn.q_proj.", "attn.k_proj.": "self_attn.k_proj.",
+                    "attn.v_proj.": "self_attn.v_proj."}
 
 
-def _rename_block(rest: str, table: dict) -> str | None:
-    for a, b in table.items():
-        if rest.startswith(a):
-            return b + rest[len(a):]
+def _t(v):
+    return v.t()
+
+
+# Keys outside the blocks: (HF, open_clip, HF -> open_clip, open_clip -> HF); None keeps the tensor as it is.
+# HF's projections are Linear layers: ``text_projection.weight`` [P, H] is open_clip's ``text_projection`` [H, P],
+# ``visual_projection.weight`` is already ``visual.head.proj.weight``.
+_HF_NAMED = [
+    ("visual_projection.weight", "visual.head.proj.weight", None, None),
+    ("text_projection.weight", "text.text_projection", _t, _t),
+    ("vision_model.embeddings.class_embedding", "visual.trunk.cls_token",
+     lambda t: t.reshape(1, 1, -1), lambda t: t.reshape(-1)),
+    ("vision_model.embeddings.patch_embedding.weight", "visual.trunk.patch_embed.proj.weight", None, None),
+    ("vision_model.embeddings.patch_embedding.bias", "visual.trunk.patch_embed.proj.bias", None, None),
+    ("vision_model.embeddings.position_embedding.weight", "visual.trunk.pos_embed",
+     lambda t: t.reshape(1, *t.shape), lambda t: t.reshape(t.shape[-2], t.shape[-1])),
+    ("vision_model.post_layernorm.", "visual.trunk.norm.", None, None),
+    ("text_model.embeddings.token_embedding.weight", "text.token_embedding.weight", None, None),
+    ("text_model.embeddings.position_embedding.weight", "text.positional_embedding", None, None),
+    ("text_model.final_layer_norm.", "text.ln_final.", None, None),
+]
+
+
+def _rename(key: str, pairs: Iterable[tuple[str, str]]) -> str | None:
+    """``key`` renamed by the first pair that matches it (module comment above: a prefix or a whole key)."""
+    for a, b in pairs:
+        if key == a or (a.endswith(".") and key.startswith(a)):
+            return b + key[len(a):]
     return None
+
+
+def _named(key: str, v, to_hf: bool) -> tuple[str, object] | None:
+    """A key outside the blocks through ``_HF_NAMED``, either way: (new key, tensor) or None."""
+    for hf, oc, to_oc_fn, to_hf_fn in _HF_NAMED:
+        src, dst, fn = (oc, hf, to_hf_fn) if to_hf else (hf, oc, to_oc_fn)
+        new = _rename(key, [(src, dst)])
+        if new is not None:
+            return new, (fn(v) if fn else v)
+    return None
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
 
 
 def hf_to_open_clip(state: dict, separate_qkv: bool = False) -> tuple[dict, list[str]]:
@@ -198,78 +251,63 @@ def hf_to_open_clip(state: dict, separate_qkv: bool = False) -> tuple[dict, list
       ``visual_projection.weight`` is already open_clip's ``visual.head.proj.weight``.
     * No ``logit_scale`` in the layout (BAAI's model uses 100): the state gets ln(100), and a note says so.
     """
-    import torch
-
     out: dict = {}
-    notes: list[str] = []
     unknown: list[str] = []
-    qkv: dict = {}  # (tower, block) -> {"q_w": t, "k_b": t, ...}
+    qkv: dict = {}  # (tower, block) -> {"q_w": t, "k_b": t, ...}, fused once every key is seen
     for k, v in state.items():
         if k.endswith("position_ids"):  # a buffer older transformers saved; recomputed
             continue
         if k == "logit_scale":
-            out["logit_scale"] = v.reshape(()) if v.numel() == 1 else v
+            out[k] = v.reshape(()) if v.numel() == 1 else v
             continue
-        if k == "visual_projection.weight":
-            out["visual.head.proj.weight"] = v
-            continue
-        if k == "text_projection.weight":
-            out["text.text_projection"] = v.t()
-            continue
-        tower = "v" if k.startswith(_HF_V) else "t" if k.startswith(_HF_T) else None
-        if tower is None:
+        got = _hf_block_key(k, v, qkv) or _named(k, v, to_hf=False)
+        if got is None:
             unknown.append(k)
-            continue
-        sub = k[len(_HF_V if tower == "v" else _HF_T):]
-        m = _HF_BLOCK.match(sub)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            pm = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
-            if pm:
-                qkv.setdefault((tower, i), {})[f"{pm.group(1)}_{pm.group(2)[0]}"] = v
-                continue
-            new = _rename_block(rest, _HF_VISION_BLOCK if tower == "v" else _HF_TEXT_BLOCK)
-            if new is None:
-                unknown.append(k)
-            elif tower == "v":
-                out[f"visual.trunk.blocks.{i}.{new}"] = v
-            else:
-                out[f"text.transformer.resblocks.{i}.{new}"] = v
-            continue
-        if tower == "v":
-            if sub == "embeddings.class_embedding":
-                out["visual.trunk.cls_token"] = v.reshape(1, 1, -1)
-            elif sub.startswith("embeddings.patch_embedding."):
-                out["visual.trunk.patch_embed.proj." + sub.rsplit(".", 1)[1]] = v
-            elif sub == "embeddings.position_embedding.weight":
-                out["visual.trunk.pos_embed"] = v.reshape(1, *v.shape)
-            elif sub.startswith("post_layernorm."):
-                out["visual.trunk.norm." + sub[len("post_layernorm."):]] = v
-            else:
-                unknown.append(k)
-        else:
-            if sub == "embeddings.token_embedding.weight":
-                out["text.token_embedding.weight"] = v
-            elif sub == "embeddings.position_embedding.weight":
-                out["text.positional_embedding"] = v
-            elif sub.startswith("final_layer_norm."):
-                out["text.ln_final." + sub[len("final_layer_norm."):]] = v
-            else:
-                unknown.append(k)
+        elif got[0]:  # "": a q/k/v projection, kept for the fusing below
+            out[got[0]] = got[1]
     if unknown:
-        raise UserError(f"unexpected keys in a BAAI HF EVA-CLIP checkpoint: {', '.join(unknown[:5])}"
-                        f"{' ...' if len(unknown) > 5 else ''}")
+        raise UserError(f"unexpected keys in a BAAI HF EVA-CLIP checkpoint: {_listed(unknown)}")
+    notes = _fuse_qkv(qkv, separate_qkv, out)
+    if "logit_scale" not in out and any(k.startswith("text.") for k in out) and "visual.head.proj.weight" in out:
+        import torch
+
+        out["logit_scale"] = torch.tensor(LN_100)
+        notes.append("BAAI's HF layout stores no logit_scale (its model hard-codes 100): the converted model gets "
+                     f"logit_scale = ln(100) = {LN_100:.4f}")
+    return out, notes
+
+
+def _hf_block_key(k: str, v, qkv: dict) -> tuple[str, object] | None:
+    """A key inside an HF block: (open_clip key, tensor); ("", None) for a q/k/v projection (collected in ``qkv``);
+    None when it is no block key or has no open_clip name."""
+    m = _HF_BLOCK_KEY.match(k)
+    if m is None:
+        return None
+    tower, i, rest = m.group(1), int(m.group(2)), m.group(3)
+    pm = _HF_QKV.match(rest)
+    if pm:
+        qkv.setdefault((tower[0], i), {})[f"{pm.group(1)}_{pm.group(2)[0]}"] = v
+        return "", None
+    _, oc_prefix, renames = _HF_TOWERS[tower]
+    new = _rename(rest, renames.items())
+    return None if new is None else (f"{oc_prefix}{i}.{new}", v)
+
+
+def _fuse_qkv(qkv: dict, separate_qkv: bool, out: dict) -> list[str]:
+    """Each block's q/k/v projections into ``out`` (module docstring of :func:`hf_to_open_clip`); returns the notes."""
+    import torch
+
     dropped_k = 0.0
     for (tower, i), p in sorted(qkv.items()):
         if not all(f"{c}_w" in p for c in "qkv"):
             raise UserError(f"BAAI HF checkpoint: layer {i} of the {'vision' if tower == 'v' else 'text'} tower lacks "
                             f"one of q_proj/k_proj/v_proj.weight (has {', '.join(sorted(p))})")
         w = [p["q_w"], p["k_w"], p["v_w"]]
-        zeros = lambda: torch.zeros(w[0].shape[0], dtype=w[0].dtype)  # noqa: E731
+        bias = lambda c: p[f"{c}_b"] if f"{c}_b" in p else torch.zeros(w[0].shape[0], dtype=w[0].dtype)  # noqa: E731
         if tower == "t":
             pre = f"text.transformer.resblocks.{i}.attn."
             out[pre + "in_proj_weight"] = LazyCat(w)
-            out[pre + "in_proj_bias"] = LazyCat([p.get(f"{c}_b", None) if f"{c}_b" in p else zeros() for c in "qkv"])
+            out[pre + "in_proj_bias"] = LazyCat([bias(c) for c in "qkv"])
             continue
         pre = f"visual.trunk.blocks.{i}.attn."
         if separate_qkv:
@@ -279,18 +317,13 @@ def hf_to_open_clip(state: dict, separate_qkv: bool = False) -> tuple[dict, list
             out[pre + "qkv.weight"] = LazyCat(w)
         if "q_b" in p or "v_b" in p:
             qn, vn = ("q_proj.bias", "v_proj.bias") if separate_qkv else ("q_bias", "v_bias")
-            out[pre + qn] = p["q_b"] if "q_b" in p else zeros()
-            out[pre + vn] = p["v_b"] if "v_b" in p else zeros()
+            out[pre + qn], out[pre + vn] = bias("q"), bias("v")
         if "k_b" in p:
             dropped_k = max(dropped_k, float(p["k_b"].float().abs().max()))
     if dropped_k > 0:
-        notes.append(f"dropped the vision tower's k_proj biases (max |b| {dropped_k:.3g}): a key bias adds the same "
-                     "q·b to every logit of a query, which softmax ignores, and timm's Eva has none")
-    if "logit_scale" not in out and any(k.startswith("text.") for k in out) and "visual.head.proj.weight" in out:
-        out["logit_scale"] = torch.tensor(LN_100)
-        notes.append("BAAI's HF layout stores no logit_scale (its model hard-codes 100): the converted model gets "
-                     f"logit_scale = ln(100) = {LN_100:.4f}")
-    return out, notes
+        return [f"dropped the vision tower's k_proj biases (max |b| {dropped_k:.3g}): a key bias adds the same "
+                "q·b to every logit of a query, which softmax ignores, and timm's Eva has none"]
+    return []
 
 
 def _split3(v) -> list:
@@ -308,79 +341,45 @@ def open_clip_to_hf(state: dict) -> tuple[dict, list[str]]:
     notes: list[str] = []
     out: dict = {}
     unknown: list[str] = []
-    vt = {b: a for a, b in _HF_VISION_BLOCK.items()}
-    tt = {b: a for a, b in _HF_TEXT_BLOCK.items()}
     for k, v in state.items():
         if k == "logit_scale":
             if abs(float(v.float().reshape(-1)[0]) - LN_100) > 1e-4:
                 notes.append(f"BAAI's HF layout has no logit_scale (its model uses 100); this model's learned "
                              f"{float(v.float().reshape(-1)[0].exp()):.2f} is not written")
             continue
-        if k == "visual.head.proj.weight":
-            out["visual_projection.weight"] = v
-            continue
         if k == "visual.head.proj.bias":
             if float(v.float().abs().max()) > 0:
                 raise UserError("the vision projection has a bias, which BAAI's HF layout (visual_projection, no "
                                 "bias) cannot hold; this model cannot be written with --to hf")
             continue
-        if k == "text.text_projection":
-            out["text_projection.weight"] = v.t()
-            continue
-        m = re.match(r"^visual\.trunk\.blocks\.(\d+)\.(.+)$", k)
-        if m:
-            i, rest = m.group(1), m.group(2)
-            pre = f"vision_model.encoder.layers.{i}.self_attn."
-            if rest == "attn.qkv.weight":
-                for c, part in zip("qkv", _split3(v)):
-                    out[pre + f"{c}_proj.weight"] = part
-            elif rest in ("attn.q_bias", "attn.q_proj.bias"):
-                out[pre + "q_proj.bias"] = v
-            elif rest in ("attn.v_bias", "attn.v_proj.bias"):
-                out[pre + "v_proj.bias"] = v
-            elif rest.startswith(("attn.q_proj.", "attn.k_proj.", "attn.v_proj.")):
-                out[pre + rest[len("attn."):]] = v
-            else:
-                new = _rename_block(rest, vt)
-                if new is None:
-                    unknown.append(k)
-                else:
-                    out[f"vision_model.encoder.layers.{i}.{new}"] = v
-            continue
-        m = re.match(r"^text\.transformer\.resblocks\.(\d+)\.(.+)$", k)
-        if m:
-            i, rest = m.group(1), m.group(2)
-            pre = f"text_model.encoder.layers.{i}.self_attn."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                for c, part in zip("qkv", _split3(v)):
-                    out[pre + f"{c}_proj.{kind}"] = part
-            else:
-                new = _rename_block(rest, tt)
-                if new is None:
-                    unknown.append(k)
-                else:
-                    out[f"text_model.encoder.layers.{i}.{new}"] = v
-            continue
-        simple = {"visual.trunk.cls_token": ("vision_model.embeddings.class_embedding", lambda t: t.reshape(-1)),
-                  "visual.trunk.pos_embed": ("vision_model.embeddings.position_embedding.weight",
-                                             lambda t: t.reshape(t.shape[-2], t.shape[-1])),
-                  "visual.trunk.patch_embed.proj.weight": ("vision_model.embeddings.patch_embedding.weight", None),
-                  "visual.trunk.patch_embed.proj.bias": ("vision_model.embeddings.patch_embedding.bias", None),
-                  "text.token_embedding.weight": ("text_model.embeddings.token_embedding.weight", None),
-                  "text.positional_embedding": ("text_model.embeddings.position_embedding.weight", None)}
-        if k in simple:
-            name, fn = simple[k]
-            out[name] = fn(v) if fn else v
-        elif k.startswith("visual.trunk.norm."):
-            out["vision_model.post_layernorm." + k[len("visual.trunk.norm."):]] = v
-        elif k.startswith("text.ln_final."):
-            out["text_model.final_layer_norm." + k[len("text.ln_final."):]] = v
-        else:
+        got = _oc_block_key(k, v)
+        if got is None:
+            named = _named(k, v, to_hf=True)
+            got = None if named is None else [named]
+        if got is None:
             unknown.append(k)
+        else:
+            out.update(got)
     if unknown:
-        raise UserError(f"BAAI's HF layout has no place for: {', '.join(unknown[:5])}"
-                        f"{' ...' if len(unknown) > 5 else ''}; this model cannot be written with --to hf")
+        raise UserError(f"BAAI's HF layout has no place for: {_listed(unknown)}; this model cannot be written with "
+                        "--to hf")
     # BAAI's own order: text tower, vision tower, projections
     order = {"text_model.": 0, "vision_model.": 1}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0].split(".")[0] + ".", 2))), notes
+
+
+def _oc_block_key(k: str, v) -> list[tuple[str, object]] | None:
+    """A key inside an open_clip block: its HF (key, tensor) pairs (three for a fused q/k/v); None when it is no
+    block key or HF has no place for it."""
+    m = _OC_BLOCK_KEY.match(k)
+    if m is None:
+        return None
+    tower, i, rest = _OC_TOWER[m.group(1)], m.group(2), m.group(3)
+    hf_prefix, _, renames = _HF_TOWERS[tower]
+    pre = f"{hf_prefix}{i}."
+    fused = _OC_FUSED.get((tower, rest))
+    if fused is not None:
+        return [(pre + fused.format(c), part) for c, part in zip("qkv", _split3(v))]
+    pairs = [(b, a) for a, b in renames.items()] + (list(_OC_VISION_EXTRA.items()) if tower == "vision" else [])
+    new = _rename(rest, pairs)
+    return None if new is None else [(pre + new, v)]
