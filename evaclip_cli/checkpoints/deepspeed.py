@@ -154,10 +154,29 @@ def _starts(flats: list) -> list:
 
 
 def _read_zero(tag_dir: Path, optim_files: list) -> dict:
-    import math
-
+    """A ZeRO 1-3 checkpoint as ``{name: ZeroParam or buffer}``: the ranks' fp32 partitions, the parameters mapped
+    onto them, then the buffers, frozen parameters and shared aliases of the model states."""
     if len({_mp_rank_of(f) for f in optim_files}) > 1:
         raise UserError(f"{tag_dir}: several model-parallel ranks; evaclip writes data-parallel checkpoints only")
+    stage, world, flats, paddings = _zero_partitions(tag_dir, optim_files)
+    models = _zero_model_states(tag_dir, stage, world)
+    meta = models[0]
+    state = _zero_buffers(meta)
+    state.update(_zero_frozen(meta, models, stage))
+    where = f"{tag_dir}: the ZeRO-{stage} partitions do not match the checkpoint's parameter shapes"
+    if stage == 3:
+        state.update(_zero3_params(meta, flats, world, where))
+    else:
+        state.update(_zero12_params(meta, flats, world, paddings, where))
+    for alias, name in (meta.get("shared_params") or {}).items():
+        if name in state:
+            state[alias] = state[name]
+    return state
+
+
+def _zero_partitions(tag_dir: Path, optim_files: list) -> tuple[int, int, list, Optional[list]]:
+    """(ZeRO stage, world size, each rank's list of flat fp32 tensors, ZeRO 1/2's alignment paddings) from the
+    ranks' optimizer files (memory-mapped: only the fp32 partitions are ever read)."""
     optim = []
     for f in optim_files:
         sd = _load_mapped(f, tag_dir).get(_OPTIM)
@@ -165,19 +184,8 @@ def _read_zero(tag_dir: Path, optim_files: list) -> dict:
             raise UserError(f"{f}: no {_OPTIM} (not a DeepSpeed ZeRO optimizer file?)")
         optim.append(sd)
     first = optim[0]
-    if C.ZERO_STAGE in first:
-        stage = int(first[C.ZERO_STAGE])
-    elif C.SINGLE_PARTITION_OF_FP32_GROUPS in first:  # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1) has no stage key
-        stage = 1
-    else:
-        raise UserError(f"{optim_files[0]}: not a ZeRO checkpoint (no {C.ZERO_STAGE})")
-    world = first.get(C.PARTITION_COUNT, len(optim))
-    world = max(world) if isinstance(world, (list, tuple)) else int(world)
-    ranks = [_rank_of(f) for f in optim_files]
-    if ranks != list(range(world)):
-        raise UserError(f"{tag_dir}: the checkpoint was written by {world} processes, but the optimizer files are "
-                        f"for ranks {ranks[:8]}{'...' if len(ranks) > 8 else ''}; copy the whole folder, or resume "
-                        "from the last complete checkpoint")
+    stage = _zero_stage(first, optim_files[0])
+    world = _zero_world(first, len(optim), tag_dir, optim_files)
     key = C.FP32_FLAT_GROUPS if stage == 3 else C.SINGLE_PARTITION_OF_FP32_GROUPS
     flats = []
     for f, sd in zip(optim_files, optim):
@@ -185,9 +193,32 @@ def _read_zero(tag_dir: Path, optim_files: list) -> dict:
         if groups is None:
             raise UserError(f"{f}: no {key} (ZeRO stage {stage}); is the checkpoint complete?")
         flats.append(list(groups) if isinstance(groups, (list, tuple)) else [groups])
-    paddings = first.get(C.PARAM_ALIGNMENT_PADDINGS)
-    del optim
+    return stage, world, flats, first.get(C.PARAM_ALIGNMENT_PADDINGS)
 
+
+def _zero_stage(first: dict, f: Path) -> int:
+    if C.ZERO_STAGE in first:
+        return int(first[C.ZERO_STAGE])
+    if C.SINGLE_PARTITION_OF_FP32_GROUPS in first:  # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1) has no stage key
+        return 1
+    raise UserError(f"{f}: not a ZeRO checkpoint (no {C.ZERO_STAGE})")
+
+
+def _zero_world(first: dict, files: int, tag_dir: Path, optim_files: list) -> int:
+    """The world size that wrote the checkpoint; every rank's optimizer file must be there."""
+    world = first.get(C.PARTITION_COUNT, files)
+    world = max(world) if isinstance(world, (list, tuple)) else int(world)
+    ranks = [_rank_of(f) for f in optim_files]
+    if ranks != list(range(world)):
+        raise UserError(f"{tag_dir}: the checkpoint was written by {world} processes, but the optimizer files are "
+                        f"for ranks {ranks[:8]}{'...' if len(ranks) > 8 else ''}; copy the whole folder, or resume "
+                        "from the last complete checkpoint")
+    return world
+
+
+def _zero_model_states(tag_dir: Path, stage: int, world: int) -> list:
+    """The model-state files that matter (every rank's under ZeRO 3, the one file under ZeRO 1/2), memory-mapped;
+    the first holds the parameter shapes and buffers."""
     if stage == 3:
         model_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"), key=_rank_of)
         if len(model_files) != world:
@@ -198,56 +229,73 @@ def _read_zero(tag_dir: Path, optim_files: list) -> dict:
         if not model_files:
             raise UserError(f"{tag_dir}: no mp_rank_*_model_states.pt; is the checkpoint complete?")
     models = [_load_mapped(f, tag_dir) for f in (model_files if stage == 3 else model_files[:1])]
-    meta = models[0]
-    if C.PARAM_SHAPES not in meta or C.BUFFER_NAMES not in meta:
+    if C.PARAM_SHAPES not in models[0] or C.BUFFER_NAMES not in models[0]:
         raise UserError(f"{model_files[0]}: no {C.PARAM_SHAPES}/{C.BUFFER_NAMES} (not a DeepSpeed ZeRO checkpoint?)")
+    return models
+
+
+def _zero_buffers(meta: dict) -> dict:
     module = meta.get("module") or {}
     state: dict = {}
     for name in meta[C.BUFFER_NAMES]:
         if name in module:
             t = module[name]
             state[name] = t.float() if t.is_floating_point() else t.clone()
+    return state
 
-    frozen = meta.get(C.FROZEN_PARAM_SHAPES) or {}
-    for name, shape in frozen.items():
+
+def _zero_frozen(meta: dict, models: list, stage: int) -> dict:
+    """Parameters outside the optimizer: whole in the one model file under ZeRO 1/2, partitioned under ZeRO 3."""
+    import math
+
+    state: dict = {}
+    for name, shape in (meta.get(C.FROZEN_PARAM_SHAPES) or {}).items():
         if stage == 3:
             frags = [m[C.FROZEN_PARAM_FRAGMENTS][name].reshape(-1) for m in models]
             state[name] = ZeroParam(_slices(frags, _starts(frags), 0, math.prod(shape)), shape)
         else:
             frag = meta[C.FROZEN_PARAM_FRAGMENTS][name].reshape(-1)
             state[name] = ZeroParam([(frag, 0, frag.numel())], shape)
+    return state
 
-    where = f"{tag_dir}: the ZeRO-{stage} partitions do not match the checkpoint's parameter shapes"
-    if stage == 3:
-        shapes = {k: v for group in meta[C.PARAM_SHAPES] for k, v in group.items()}
-        per_rank = [_starts(fl) for fl in flats]
+
+def _zero3_params(meta: dict, flats: list, world: int, where: str) -> dict:
+    """ZeRO 3: every parameter has a ceil(n / world) partition on each rank, the partitions back to back."""
+    import math
+
+    shapes = {k: v for group in meta[C.PARAM_SHAPES] for k, v in group.items()}
+    per_rank = [_starts(fl) for fl in flats]
+    state, offset = {}, 0
+    for name, shape in shapes.items():
+        part = math.ceil(math.prod(shape) / world)
+        pieces = [p for r in range(world) for p in _slices(flats[r], per_rank[r], offset, part)]
+        state[name] = ZeroParam(pieces, shape)
+        offset += part
+    if any(offset != sum(t.numel() for t in fl) for fl in flats):
+        raise UserError(f"{where} (used {offset} elements per rank of {sum(t.numel() for t in flats[0])})")
+    return state
+
+
+def _zero12_params(meta: dict, flats: list, world: int, paddings: Optional[list], where: str) -> dict:
+    """ZeRO 1/2: per param group, the ranks' slices concatenated are the group's flat vector, params back to back
+    (each followed by its alignment padding where recorded)."""
+    import math
+
+    state = {}
+    for g, shapes in enumerate(meta[C.PARAM_SHAPES]):
+        group = [flats[r][g] for r in range(world)]
+        starts, total = _starts(group), sum(t.numel() for t in group)
+        pads = paddings[g] if paddings is not None else None
         offset = 0
-        for name, shape in shapes.items():
+        for i, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
-            part = math.ceil(n / world)
-            pieces = [p for r in range(world) for p in _slices(flats[r], per_rank[r], offset, part)]
-            state[name] = ZeroParam(pieces, shape)
-            offset += part
-        if any(offset != sum(t.numel() for t in fl) for fl in flats):
-            raise UserError(f"{where} (used {offset} elements per rank of {sum(t.numel() for t in flats[0])})")
-    else:
-        for g, shapes in enumerate(meta[C.PARAM_SHAPES]):
-            group = [flats[r][g] for r in range(world)]
-            starts, total = _starts(group), sum(t.numel() for t in group)
-            pads = paddings[g] if paddings is not None else None
-            offset = 0
-            for i, (name, shape) in enumerate(shapes.items()):
-                n = math.prod(shape)
-                if offset + n > total:
-                    raise UserError(f"{where} (group {g} holds {total} elements, '{name}' ends at {offset + n})")
-                state[name] = ZeroParam(_slices(group, starts, offset, n), shape)
-                offset += n + (int(pads[i]) if pads is not None else 0)
-            align = 2 * world  # ZeRO 1/2 pad each group's flat vector to a multiple of 2 x world size
-            if -(-offset // align) != -(-total // align):
-                raise UserError(f"{where} (group {g}: {offset} of {total} elements used)")
-    for alias, name in (meta.get("shared_params") or {}).items():
-        if name in state:
-            state[alias] = state[name]
+            if offset + n > total:
+                raise UserError(f"{where} (group {g} holds {total} elements, '{name}' ends at {offset + n})")
+            state[name] = ZeroParam(_slices(group, starts, offset, n), shape)
+            offset += n + (int(pads[i]) if pads is not None else 0)
+        align = 2 * world  # ZeRO 1/2 pad each group's flat vector to a multiple of 2 x world size
+        if -(-offset // align) != -(-total // align):
+            raise UserError(f"{where} (group {g}: {offset} of {total} elements used)")
     return state
 
 
