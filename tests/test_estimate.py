@@ -78,7 +78,7 @@ def test_only_zero3_fits_40gb(r18):
     assert not st[3]["fits_ckpt"]
     assert any("micro_batch=150" in w for w in r18["warnings"])
     # with 2 x 150 (same global batch) ZeRO-3 + checkpointing fits a 40 GB card and ZeRO-2 does not
-    half = est("18b", ["data.micro_batch=150"])
+    half = est("18b", ["data.micro_batch=150", "data.contrastive_batch=micro"])
     hs = half["memory"]["stages"]
     assert hs[3]["fits_ckpt"] and not hs[3]["fits_full"]
     assert not hs[2]["fits_ckpt"] and not hs[1]["fits_ckpt"] and not hs[0]["fits_ckpt"]
@@ -87,7 +87,12 @@ def test_only_zero3_fits_40gb(r18):
     assert est("18b", ["data.micro_batch=300"], gpu="a100-80g")["memory"]["stages"][3]["fits_ckpt"]
     # the shipped recipe is the 2 x 150 variant, so it fits as shipped
     shipped = est("18b")
-    assert shipped["memory"]["stages"][3]["fits_ckpt"] and not shipped["warnings"]
+    assert shipped["memory"]["stages"][3]["fits_ckpt"]
+    # ... with the global contrastive batch: its cache forward (2 x 150 accumulated) on top of the recompute is more
+    # hardware FLOPs than the paper's 600 h on 360 A100s allow; the estimate says so (the paper's 300 per GPU did
+    # not accumulate)
+    assert shipped["batch"]["negatives"] == 108_000
+    assert len(shipped["warnings"]) == 1 and "600 h on 360 GPUs would need 1.1" in shipped["warnings"][0]
 
 
 def test_checkpointing_stores_block_inputs(r18):
