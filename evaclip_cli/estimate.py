@@ -1,7 +1,9 @@
 """``evaclip estimate``: parameters, memory per GPU under ZeRO 0-3, FLOPs and GPU-hours of a recipe.
 
 Everything is arithmetic on the recipe; the only model built is an empty one on the meta device, for exact
-parameter counts. :func:`estimate` returns a plain dict (the ``--json`` output); :func:`run_estimate` prints it.
+parameter counts. :func:`estimate_result` runs the steps (tokens, model setup, activations, states per ZeRO
+stage, largest micro batch, FLOPs, time, warnings) and returns a typed :class:`Estimate`; :func:`estimate` is its
+plain dict (the ``--json`` output); :func:`run_estimate` prints it.
 
 Notation: ``P`` parameters, ``N`` GPUs, ``b`` micro batch per GPU, and per tower ``L`` layers, ``h`` width,
 ``f`` MLP width, ``a`` heads, ``s`` training sequence length *after* CLIPA token reduction
@@ -70,6 +72,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -243,6 +246,158 @@ def _text_tower(spec, counts, seq) -> _Tower:
                   counts["text_block_matmul"], ((counts["text_proj_matmul"], 1),), 1.0, True, counts["text_block_max"])
 
 
+# ------------------------------------------------------------------------------------------------- result types
+# The typed result of :func:`estimate_result`; ``Estimate.to_dict()`` is the ``--json`` output, field order = key
+# order, so these dataclasses are the JSON schema.
+@dataclass
+class Cluster:
+    gpu: str
+    gpu_name: str
+    gpus: int
+    memory_gib: int
+    usable_fraction: float
+    usable_bytes: int
+    peak_flops: float
+    peak_kind: str
+
+
+@dataclass
+class Batch:
+    global_batch: int
+    micro_batch: int
+    accumulation: float
+    samples: int
+    steps: int
+    contrastive_batch: str
+    negatives: int
+
+
+@dataclass
+class Tokens:
+    image: int
+    text: int
+    image_size: int
+    patches: int
+    image_method: str
+    text_method: str
+    images_per_sample: float
+
+
+@dataclass
+class Params:
+    vision: int
+    text: int
+    other: int
+    mim_head: int
+    teacher_vision: int
+    trainable: int
+    frozen: int
+    total: int
+
+
+@dataclass
+class Activations:
+    """Activation bytes at one micro batch: stored by each trained tower, one recomputed layer, the loss."""
+
+    stored: dict[str, int]  # tower name -> bytes
+    recompute_layer_bytes: int
+    loss_bytes: int
+    total_bytes: int
+
+    def to_dict(self) -> dict:
+        return {**{f"{k}_bytes": v for k, v in self.stored.items()},
+                "recompute_layer_bytes": self.recompute_layer_bytes, "loss_bytes": self.loss_bytes,
+                "total_bytes": self.total_bytes}
+
+
+@dataclass
+class StageRow:
+    """Model states per GPU at one ZeRO stage, and what fits with / without checkpointing."""
+
+    zero_stage: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    buffers_bytes: int
+    gather_bytes: int
+    bucket_bytes: int
+    step_grads_bytes: int
+    model_states_bytes: int
+    offloaded: list[str]
+    total_ckpt_bytes: int = 0
+    fits_ckpt: bool = False
+    max_micro_batch_ckpt: int = 0
+    total_full_bytes: int = 0
+    fits_full: bool = False
+    max_micro_batch_full: int = 0
+
+
+@dataclass
+class Memory:
+    precision: str
+    attention: str
+    grad_checkpointing: bool
+    zero_stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    largest_block_params: int
+    activations: dict[str, Activations]  # "checkpointed", "full"
+    stages: list[StageRow]
+
+
+@dataclass
+class Flops:
+    forward_per_sample: dict[str, float]
+    forward_total_per_sample: float
+    model_per_sample: float
+    hardware_per_sample: float
+    total_model: float
+    total_hardware: float
+
+
+@dataclass
+class Compute:
+    mfu: float
+    gpu_hours: Optional[float] = None
+    wall_clock_hours: Optional[float] = None
+    wall_clock_days: Optional[float] = None
+
+
+@dataclass
+class Implied:
+    hours: float
+    source: str
+    gpus: int
+    mfu: float
+    hfu: float
+
+
+@dataclass
+class Estimate:
+    """Everything ``evaclip estimate`` reports about one recipe on one cluster."""
+
+    recipe: str
+    stage: str
+    arch: str
+    cluster: Cluster
+    batch: Batch
+    tokens: Tokens
+    params: Params
+    memory: Memory
+    flops: Flops
+    compute: Compute
+    implied: Optional[Implied]
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        """The plain, JSON-serialisable dict (stable keys) that ``--json`` prints."""
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["memory"]["activations"] = {k: a.to_dict() for k, a in self.memory.activations.items()}
+        return d
+
+
 # ------------------------------------------------------------------------------------------------- estimate
 def _bytes_per(precision: str) -> tuple[int, int, int, int]:
     """(weights, grads, optimizer states, activations) bytes per element."""
@@ -261,17 +416,12 @@ def _images_per_sample(recipe) -> float:
     return 1.0 + frac * (recipe.video.frames - 1)
 
 
-def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hours: Optional[float] = None,
-             mfu: float = DEFAULT_MFU) -> dict:
-    """The numbers behind ``evaclip estimate`` for a loaded :class:`~evaclip_cli.recipes.Recipe` (a plain dict,
-    JSON-serialisable, stable keys). ``gpu``/``gpus`` default to the recipe's ``compute`` section; ``hours``
-    (default ``compute.reported_hours``) gives the MFU a run of that length implies."""
-    from evaclip_cli.models.specs import resolve_arch
-
+def _check_inputs(recipe, gpu: Optional[str], gpus: Optional[int], hours: Optional[float], mfu: float
+                  ) -> tuple[GpuType, int]:
+    """The card and the number of GPUs (the recipe's ``compute`` section unless given); bad values are a UserError."""
     gpu_key = gpu or recipe.compute.gpu
     if gpu_key not in GPU_TYPES:
         raise UserError(f"unknown GPU '{gpu_key}'; known: {', '.join(GPU_TYPES)}")
-    card = GPU_TYPES[gpu_key]
     n_gpus = recipe.compute.gpus if gpus is None else int(gpus)
     if n_gpus < 1:
         raise UserError(f"--gpus must be at least 1 (got {n_gpus})")
@@ -279,227 +429,332 @@ def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hour
         raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
     if hours is not None and hours <= 0:
         raise UserError(f"--hours must be positive (got {hours})")
+    return GPU_TYPES[gpu_key], n_gpus
 
-    precision = recipe.deepspeed.precision
-    wb, gb, ob, e = _bytes_per(precision)
-    ckpt = recipe.model.grad_checkpointing
-    b = recipe.data.micro_batch
-    spec = recipe.spec()
-    counts = _model_counts(spec.model_dump_json())
-    warnings: list[str] = []
 
+def _tokens(recipe, spec) -> Tokens:
+    """Tokens per sample after CLIPA's reduction, the training image size and its patch grid."""
     img_size = recipe.train_image_size()
     patches = (img_size // spec.vision.patch_size) ** 2
-    s_img = recipe.image_tokens()
-    s_txt = recipe.text_tokens()
-    per_sample = _images_per_sample(recipe)
-    distill = recipe.stage == "distill"
+    s_img, s_txt = recipe.image_tokens(), recipe.text_tokens()
+    return Tokens(image=s_img, text=s_txt if recipe.stage != "distill" else 0, image_size=img_size, patches=patches,
+                  image_method=recipe.tokens.image.method, text_method=recipe.tokens.text.method,
+                  images_per_sample=_images_per_sample(recipe))
 
-    if distill:
-        tspec = resolve_arch(recipe.distill.teacher_arch)
-        tcounts = _model_counts(tspec.model_dump_json())
-        if img_size % tspec.vision.patch_size:
-            raise UserError(f"teacher '{recipe.distill.teacher_arch}' patch size {tspec.vision.patch_size} does not "
-                            f"divide the training image size {img_size}")
-        t_patches = (img_size // tspec.vision.patch_size) ** 2
-        if t_patches != patches:
-            warnings.append(f"teacher grid ({t_patches} patches) differs from the student's ({patches}): "
-                            "targets will not align")
-        masked = int(round(recipe.distill.mask_ratio * patches))
-        w, te = spec.vision.width, tspec.embed_dim
-        mim_head = w + w * te + te  # mask_token + lm_head (weight, bias)
-        student = counts["vision_trunk"] + mim_head
-        teacher = tcounts["vision"]
-        params = dict(vision=student, text=0, other=0, mim_head=mim_head, teacher_vision=teacher, trainable=student,
-                      frozen=teacher, total=student + teacher)
-        towers = [
-            _Tower("vision", spec.vision.depth, w, spec.vision.heads, spec.vision.mlp_dim, spec.vision.swiglu,
-                   spec.vision.subln, s_img, counts["vision_block_matmul"],
-                   ((counts["vision_patch_matmul"], patches), (w * te, masked)), 1.0, True,
-                   counts["vision_block_max"]),
-            _vision_tower("teacher", tspec, tcounts, t_patches + 1, t_patches, t_patches, 1.0, False),
-        ]
-        t_wb = 4 if recipe.distill.teacher_precision == "fp32" else 2
-        frozen_bytes = teacher * t_wb
-        loss_flops = 0.0
 
-        def loss_bytes(bb: float) -> float:
-            return e * bb * (patches + masked) * te
-    else:
-        lock = recipe.model.lock
-        if lock.image or lock.text:  # frozen towers (fine-tuning, LiT): weights only, forward only
-            counts = _model_counts(spec.model_dump_json(), lock.model_dump_json())
-        locked = counts["frozen"]
-        params = dict(vision=counts["vision"], text=counts["text"], other=counts["other"], mim_head=0,
-                      teacher_vision=0, trainable=counts["total"] - locked, frozen=locked, total=counts["total"])
-        towers = [
-            *_split_locked(_vision_tower("vision", spec, counts, s_img, patches, 1, per_sample, True),
-                           counts["vision_trained_blocks"]),
-            *_split_locked(_text_tower(spec, counts, s_txt), counts["text_trained_blocks"]),
-        ]
-        frozen_bytes = 0
-        E = spec.embed_dim
-        # the global contrastive batch under accumulation (data.contrastive_batch): each micro batch's rows meet
-        # the features of all A micro batches of every GPU, held in a fp32 cache
-        A = _contrastive_accumulation(recipe, b, n_gpus)
-        loss_flops = 4.0 * E * A * b * n_gpus
+@dataclass(frozen=True)
+class _Loss:
+    """The loss's forward FLOPs per sample and activation bytes: distillation's teacher targets and student
+    predictions (``tokens`` per sample of width ``embed``), or the contrastive features and logits (``embed``, over
+    ``accum`` micro batches of ``gpus`` GPUs under the global contrastive batch)."""
 
-        def loss_bytes(bb: float) -> float:
-            rows = A * bb
-            cache = 2 * rows * E * 4 if A > 1 else 0
-            return 2 * rows * n_gpus * E * e + 2 * rows * (rows * n_gpus) * (e + 4) + cache
+    flops: float
+    e: int  # bytes per activation element
+    embed: int
+    distill_tokens: int = 0
+    accum: int = 1
+    gpus: int = 1
 
-    trained = [t for t in towers if t.trained]
+    def bytes(self, bb: float) -> float:
+        if self.distill_tokens:
+            return self.e * bb * self.distill_tokens * self.embed
+        # each micro batch's rows meet the features of all accumulated micro batches of every GPU, held in a fp32
+        # cache (data.contrastive_batch = "global")
+        rows = self.accum * bb
+        cache = 2 * rows * self.embed * 4 if self.accum > 1 else 0
+        return 2 * rows * self.gpus * self.embed * self.e + 2 * rows * (rows * self.gpus) * (self.e + 4) + cache
 
-    # ---- activations --------------------------------------------------------------------------------------
-    def activations(bb: float, checkpointing: bool) -> dict:
-        stored = {t.name: 0.0 for t in trained}
-        peak_layer = 0.0
-        for t in trained:
-            s_, layer = t.activation_bytes(bb, e, checkpointing)
-            stored[t.name] = s_
-            peak_layer = max(peak_layer, layer)
-        loss = loss_bytes(bb)
-        total = sum(stored.values()) + peak_layer + loss
-        return dict(**{f"{k}_bytes": int(v) for k, v in stored.items()}, recompute_layer_bytes=int(peak_layer),
-                    loss_bytes=int(loss), total_bytes=int(total))
 
-    act = {"checkpointed": activations(b, True), "full": activations(b, False)}
+@dataclass
+class _Setup:
+    """What the model contributes: parameter counts, its towers (trained and frozen parts), the weights of a frozen
+    teacher (replicated on every GPU) and the loss."""
 
-    # ---- model states per ZeRO stage ----------------------------------------------------------------------
-    P = params["trainable"]
-    # parameters frozen by model.lock: 16-bit weights (ZeRO-3: partitioned like the rest), no grads, no optimizer
-    locked = params["frozen"] if not distill else 0
-    largest_block = max((t.block_max for t in trained), default=0)
-    frozen_block = max((t.block_max for t in towers if not t.trained), default=0) if not distill else 0
-    usable = USABLE_FRACTION * card.memory_gib * GiB
-    off_opt, off_param = recipe.deepspeed.offload_optimizer, recipe.deepspeed.offload_param
+    distill: bool
+    params: Params
+    towers: list[_Tower]
+    frozen_bytes: int
+    loss: _Loss
+    warnings: list[str]
 
-    bucket_elems = reduce_bucket_elems(recipe, on_gpu=True)
-    sub_group_elems = int(float((recipe.deepspeed.extra or {}).get("zero_optimization", {}).get("sub_group_size",
-                                                                                               1e9)))
+    @property
+    def trained(self) -> list[_Tower]:
+        return [t for t in self.towers if t.trained]
 
-    def states(stage: int) -> dict:
-        weights = wb * (P + locked) / (n_gpus if stage >= 3 else 1)
-        grads = gb * P / (n_gpus if stage >= 2 else 1)
-        own_master = precision == "fp32" and stage >= 1  # DeepSpeed's optimizer clones the fp32 partition
-        optim = (ob + (4 if own_master else 0)) * P / (n_gpus if stage >= 1 else 1)
+
+def _distill_setup(recipe, spec, tok: Tokens, e: int) -> _Setup:
+    """MIM distillation: the student's vision trunk + mask_token + lm_head trains, the teacher's vision tower runs
+    frozen on every patch."""
+    from evaclip_cli.models.specs import resolve_arch
+
+    counts = _model_counts(spec.model_dump_json())
+    tspec = resolve_arch(recipe.distill.teacher_arch)
+    tcounts = _model_counts(tspec.model_dump_json())
+    img_size, patches = tok.image_size, tok.patches
+    if img_size % tspec.vision.patch_size:
+        raise UserError(f"teacher '{recipe.distill.teacher_arch}' patch size {tspec.vision.patch_size} does not "
+                        f"divide the training image size {img_size}")
+    t_patches = (img_size // tspec.vision.patch_size) ** 2
+    warnings = []
+    if t_patches != patches:
+        warnings.append(f"teacher grid ({t_patches} patches) differs from the student's ({patches}): "
+                        "targets will not align")
+    masked = int(round(recipe.distill.mask_ratio * patches))
+    w, te = spec.vision.width, tspec.embed_dim
+    mim_head = w + w * te + te  # mask_token + lm_head (weight, bias)
+    student, teacher = counts["vision_trunk"] + mim_head, tcounts["vision"]
+    params = Params(vision=student, text=0, other=0, mim_head=mim_head, teacher_vision=teacher, trainable=student,
+                    frozen=teacher, total=student + teacher)
+    v = spec.vision
+    towers = [
+        _Tower("vision", v.depth, w, v.heads, v.mlp_dim, v.swiglu, v.subln, tok.image, counts["vision_block_matmul"],
+               ((counts["vision_patch_matmul"], patches), (w * te, masked)), 1.0, True, counts["vision_block_max"]),
+        _vision_tower("teacher", tspec, tcounts, t_patches + 1, t_patches, t_patches, 1.0, False),
+    ]
+    t_wb = 4 if recipe.distill.teacher_precision == "fp32" else 2
+    return _Setup(True, params, towers, teacher * t_wb, _Loss(0.0, e, te, distill_tokens=patches + masked), warnings)
+
+
+def _clip_setup(recipe, spec, tok: Tokens, n_gpus: int, e: int) -> _Setup:
+    """CLIP: both towers train, less what ``model.lock`` freezes (fine-tuning, LiT: weights only, forward only)."""
+    lock = recipe.model.lock
+    counts = _model_counts(spec.model_dump_json(), lock.model_dump_json() if lock.image or lock.text else "")
+    locked = counts["frozen"]
+    params = Params(vision=counts["vision"], text=counts["text"], other=counts["other"], mim_head=0, teacher_vision=0,
+                    trainable=counts["total"] - locked, frozen=locked, total=counts["total"])
+    towers = [
+        *_split_locked(_vision_tower("vision", spec, counts, tok.image, tok.patches, 1, tok.images_per_sample, True),
+                       counts["vision_trained_blocks"]),
+        *_split_locked(_text_tower(spec, counts, tok.text), counts["text_trained_blocks"]),
+    ]
+    b, E = recipe.data.micro_batch, spec.embed_dim
+    A = _contrastive_accumulation(recipe, b, n_gpus)
+    return _Setup(False, params, towers, 0, _Loss(4.0 * E * A * b * n_gpus, e, E, accum=A, gpus=n_gpus), [])
+
+
+def _activations(setup: _Setup, bb: float, e: int, checkpointing: bool) -> Activations:
+    """Activation bytes per GPU at micro batch ``bb``: the trained towers' stored tensors, the largest layer being
+    recomputed (checkpointing) and the loss."""
+    stored = {t.name: 0.0 for t in setup.trained}
+    peak_layer = 0.0
+    for t in setup.trained:
+        s_, layer = t.activation_bytes(bb, e, checkpointing)
+        stored[t.name] = s_
+        peak_layer = max(peak_layer, layer)
+    loss = setup.loss.bytes(bb)
+    total = sum(stored.values()) + peak_layer + loss
+    return Activations({k: int(v) for k, v in stored.items()}, int(peak_layer), int(loss), int(total))
+
+
+@dataclass(frozen=True)
+class _States:
+    """What the model-state bytes per GPU depend on (see the module docstring, "Model states")."""
+
+    precision: str
+    trainable: int
+    locked: int  # frozen by model.lock: 16-bit weights (ZeRO-3 partitions them too), no grads, no optimizer states
+    gpus: int
+    largest_block: int
+    frozen_block: int
+    frozen_bytes: int  # a frozen teacher, replicated
+    bucket_elems: int
+    sub_group_elems: int
+    offload_optimizer: bool
+    offload_param: bool
+
+    def at(self, stage: int) -> StageRow:
+        wb, gb, ob, _ = _bytes_per(self.precision)
+        P, n = self.trainable, self.gpus
+        weights = wb * (P + self.locked) / (n if stage >= 3 else 1)
+        grads = gb * P / (n if stage >= 2 else 1)
+        own_master = self.precision == "fp32" and stage >= 1  # DeepSpeed's optimizer clones the fp32 partition
+        optim = (ob + (4 if own_master else 0)) * P / (n if stage >= 1 else 1)
         offloaded = []
-        if off_opt and stage >= 1:
+        if self.offload_optimizer and stage >= 1:
             optim = 0.0
             offloaded.append("optimizer")
-        if off_param and stage == 3:
+        if self.offload_param and stage == 3:
             weights = 0.0
             offloaded.append("weights")
-        gather = max((wb + gb) * largest_block, wb * frozen_block) if stage == 3 else 0
-        bucket = gb * min(bucket_elems, P) if stage >= 1 else 0
-        step_grads = 4 * min(sub_group_elems, P / n_gpus) if stage == 3 else 0
+        gather = max((wb + gb) * self.largest_block, wb * self.frozen_block) if stage == 3 else 0
+        bucket = gb * min(self.bucket_elems, P) if stage >= 1 else 0
+        step_grads = 4 * min(self.sub_group_elems, P / n) if stage == 3 else 0
         buffers = gather + bucket + step_grads
-        weights += frozen_bytes
-        return dict(weights_bytes=int(weights), grads_bytes=int(grads), optimizer_bytes=int(optim),
-                    buffers_bytes=int(buffers), gather_bytes=int(gather), bucket_bytes=int(bucket),
-                    step_grads_bytes=int(step_grads),
-                    model_states_bytes=int(weights + grads + optim + buffers), offloaded=offloaded)
+        weights += self.frozen_bytes
+        return StageRow(zero_stage=stage, weights_bytes=int(weights), grads_bytes=int(grads),
+                        optimizer_bytes=int(optim), buffers_bytes=int(buffers), gather_bytes=int(gather),
+                        bucket_bytes=int(bucket), step_grads_bytes=int(step_grads),
+                        model_states_bytes=int(weights + grads + optim + buffers), offloaded=offloaded)
 
-    def max_micro(model_states: float, checkpointing: bool) -> int:
-        def fits(bb):
-            return model_states + activations(bb, checkpointing)["total_bytes"] <= usable
 
-        if not fits(1):
-            return 0
-        lo, hi = 1, 2
-        while fits(hi) and hi < 1 << 24:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+def _states(recipe, setup: _Setup, n_gpus: int) -> _States:
+    trained, frozen = setup.trained, [t for t in setup.towers if not t.trained]
+    zero = (recipe.deepspeed.extra or {}).get("zero_optimization", {})
+    return _States(
+        precision=recipe.deepspeed.precision, trainable=setup.params.trainable,
+        locked=setup.params.frozen if not setup.distill else 0, gpus=n_gpus,
+        largest_block=max((t.block_max for t in trained), default=0),
+        frozen_block=max((t.block_max for t in frozen), default=0) if not setup.distill else 0,
+        frozen_bytes=setup.frozen_bytes, bucket_elems=reduce_bucket_elems(recipe, on_gpu=True),
+        sub_group_elems=int(float(zero.get("sub_group_size", 1e9))),
+        offload_optimizer=recipe.deepspeed.offload_optimizer, offload_param=recipe.deepspeed.offload_param)
 
-    stages = []
-    for k in range(4):
-        st = states(k)
-        ms = st["model_states_bytes"]
-        row = dict(zero_stage=k, **st)
-        for mode, key in (("checkpointed", "ckpt"), ("full", "full")):
-            tot = ms + act[mode]["total_bytes"]
-            row[f"total_{key}_bytes"] = int(tot)
-            row[f"fits_{key}"] = bool(tot <= usable)
-            row[f"max_micro_batch_{key}"] = max_micro(ms, mode == "checkpointed")
-        stages.append(row)
 
-    accumulation = recipe.data.global_batch / (b * n_gpus)
+def _max_micro(fits: Callable[[int], bool]) -> int:
+    """The largest micro batch for which ``fits`` holds (0 if none): doubling, then bisection."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi) and hi < 1 << 24:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _stage_row(states: _States, stage: int, setup: _Setup, act: dict[str, Activations], e: int,
+               usable: float) -> StageRow:
+    """One ZeRO stage: its model states, the totals at the recipe's micro batch and the largest micro batch that
+    fits, with and without checkpointing."""
+    import dataclasses
+
+    row = states.at(stage)
+    ms = row.model_states_bytes
+
+    def largest(ckpt: bool) -> int:
+        return _max_micro(lambda bb: ms + _activations(setup, bb, e, ckpt).total_bytes <= usable)
+
+    ck, fu = ms + act["checkpointed"].total_bytes, ms + act["full"].total_bytes
+    return dataclasses.replace(row, total_ckpt_bytes=int(ck), fits_ckpt=bool(ck <= usable),
+                               max_micro_batch_ckpt=largest(True), total_full_bytes=int(fu),
+                               fits_full=bool(fu <= usable), max_micro_batch_full=largest(False))
+
+
+def _memory(recipe, setup: _Setup, n_gpus: int, usable: float) -> Memory:
+    """Activations at the recipe's micro batch and model states per ZeRO stage 0-3."""
+    e = _bytes_per(recipe.deepspeed.precision)[3]
+    b = recipe.data.micro_batch
+    act = {"checkpointed": _activations(setup, b, e, True), "full": _activations(setup, b, e, False)}
+    states = _states(recipe, setup, n_gpus)
+    return Memory(precision=recipe.deepspeed.precision, attention="sdpa",
+                  grad_checkpointing=recipe.model.grad_checkpointing, zero_stage=recipe.deepspeed.zero_stage,
+                  offload_optimizer=states.offload_optimizer, offload_param=states.offload_param,
+                  largest_block_params=states.largest_block, activations=act,
+                  stages=[_stage_row(states, k, setup, act, e, usable) for k in range(4)])
+
+
+def _batch(recipe, setup: _Setup, n_gpus: int) -> Batch:
+    b = recipe.data.micro_batch
+    return Batch(global_batch=recipe.data.global_batch, micro_batch=b,
+                 accumulation=recipe.data.global_batch / (b * n_gpus), samples=recipe.data.samples, steps=recipe.steps,
+                 contrastive_batch=recipe.data.contrastive_batch,
+                 negatives=0 if setup.distill else b * n_gpus * _contrastive_accumulation(recipe, b, n_gpus))
+
+
+def _batch_warnings(recipe, batch: Batch, memory: Memory, card: GpuType, n_gpus: int, usable: float) -> list[str]:
+    """An accumulation that is not a whole number; the recipe's own ZeRO stage and checkpointing not fitting (with a
+    micro batch that would)."""
+    warnings = []
+    b, accumulation, ckpt = batch.micro_batch, batch.accumulation, memory.grad_checkpointing
     if abs(accumulation - round(accumulation)) > 1e-9 or accumulation < 1:
-        warnings.append(f"data.global_batch {recipe.data.global_batch} is not a multiple of micro batch {b} x "
+        warnings.append(f"data.global_batch {batch.global_batch} is not a multiple of micro batch {b} x "
                         f"{n_gpus} GPUs (accumulation would be {accumulation:.3g})")
-    own = stages[recipe.deepspeed.zero_stage]
-    key = "ckpt" if ckpt else "full"
-    if not own[f"fits_{key}"]:
-        m = own[f"max_micro_batch_{key}"]
-        hint = ""
-        for d in range(min(m, b), 0, -1):
-            if recipe.data.global_batch % (d * n_gpus) == 0:
-                hint = (f"; e.g. data.micro_batch={d} with {recipe.data.global_batch // (d * n_gpus)}x gradient "
-                        "accumulation")
-                break
-        warnings.append(
-            f"the recipe's setting (ZeRO-{recipe.deepspeed.zero_stage}, {'with' if ckpt else 'without'} "
-            f"checkpointing, micro batch {b}) needs {own[f'total_{key}_bytes'] / GiB:.1f} GiB per GPU, over the "
-            f"{usable / GiB:.1f} GiB usable on {card.name}; the largest micro batch that fits is {m}{hint}")
+    own = memory.stages[memory.zero_stage]
+    fits, total, m = ((own.fits_ckpt, own.total_ckpt_bytes, own.max_micro_batch_ckpt) if ckpt
+                      else (own.fits_full, own.total_full_bytes, own.max_micro_batch_full))
+    if fits:
+        return warnings
+    hint = ""
+    for d in range(min(m, b), 0, -1):
+        if batch.global_batch % (d * n_gpus) == 0:
+            hint = f"; e.g. data.micro_batch={d} with {batch.global_batch // (d * n_gpus)}x gradient accumulation"
+            break
+    warnings.append(
+        f"the recipe's setting (ZeRO-{memory.zero_stage}, {'with' if ckpt else 'without'} "
+        f"checkpointing, micro batch {b}) needs {total / GiB:.1f} GiB per GPU, over the "
+        f"{usable / GiB:.1f} GiB usable on {card.name}; the largest micro batch that fits is {m}{hint}")
+    return warnings
 
-    # ---- FLOPs and time -----------------------------------------------------------------------------------
-    fwd = {t.name: t.forward_flops() for t in towers}
-    fwd["loss"] = loss_flops
-    trained_fwd = sum(t.forward_flops() for t in trained) + loss_flops
-    frozen_fwd = sum(t.forward_flops() for t in towers if not t.trained)
+
+def _flop_counts(setup: _Setup, samples: int, ckpt: bool) -> Flops:
+    """Forward FLOPs per sample by tower; model FLOPs (3x a trained forward, 1x a frozen one) and hardware FLOPs
+    (+1 trained forward under checkpointing), per sample and for ``samples``."""
+    fwd = {t.name: t.forward_flops() for t in setup.towers}
+    fwd["loss"] = setup.loss.flops
+    trained_fwd = sum(t.forward_flops() for t in setup.trained) + setup.loss.flops
+    frozen_fwd = sum(t.forward_flops() for t in setup.towers if not t.trained)
     model_ps = 3 * trained_fwd + frozen_fwd
-    if not distill and _contrastive_accumulation(recipe, b, n_gpus) > 1:
+    if setup.loss.accum > 1:
         model_ps += trained_fwd  # the no-grad forward that fills the feature cache (data.contrastive_batch)
-    hw_ps = model_ps + (sum(t.forward_flops() for t in trained) if ckpt else 0)
-    samples = recipe.data.samples
-    total_model = model_ps * samples
-    total_hw = hw_ps * samples
-    peak = card.peak[precision]
-    compute = dict(mfu=mfu, gpu_hours=None, wall_clock_hours=None, wall_clock_days=None)
-    if samples:
-        gh = total_model / (peak * mfu) / 3600
-        compute.update(gpu_hours=gh, wall_clock_hours=gh / n_gpus, wall_clock_days=gh / n_gpus / 24)
-    else:
-        warnings.append("data.samples is 0: set it to get total FLOPs and GPU-hours")
+    hw_ps = model_ps + (sum(t.forward_flops() for t in setup.trained) if ckpt else 0)
+    return Flops(forward_per_sample={k: float(v) for k, v in fwd.items()},
+                 forward_total_per_sample=float(sum(fwd.values())), model_per_sample=float(model_ps),
+                 hardware_per_sample=float(hw_ps), total_model=float(model_ps * samples),
+                 total_hardware=float(hw_ps * samples))
 
-    implied = None
+
+def _compute(flops: Flops, samples: int, peak: float, mfu: float, n_gpus: int) -> Compute:
+    """GPU-hours and wall-clock at ``mfu`` (None without ``data.samples``)."""
+    if not samples:
+        return Compute(mfu=mfu)
+    gh = flops.total_model / (peak * mfu) / 3600
+    return Compute(mfu=mfu, gpu_hours=gh, wall_clock_hours=gh / n_gpus, wall_clock_days=gh / n_gpus / 24)
+
+
+def _implied(recipe, hours: Optional[float], flops: Flops, samples: int, peak: float, n_gpus: int
+             ) -> Optional[Implied]:
+    """The MFU and HFU a run of ``hours`` (default: the paper-reported hours) on ``n_gpus`` implies."""
     run_hours, source = (hours, "--hours") if hours is not None else (recipe.compute.reported_hours, "paper-reported")
-    if run_hours and samples:
-        denom = n_gpus * run_hours * 3600 * peak
-        implied = dict(hours=run_hours, source=source, gpus=n_gpus, mfu=total_model / denom, hfu=total_hw / denom)
-        if implied["hfu"] > 1.0:
-            warnings.append(f"{run_hours:g} h on {n_gpus} GPUs would need {implied['hfu']:.2f}x the peak: impossible "
-                            "at these token counts")
+    if not (run_hours and samples):
+        return None
+    denom = n_gpus * run_hours * 3600 * peak
+    return Implied(hours=run_hours, source=source, gpus=n_gpus, mfu=flops.total_model / denom,
+                   hfu=flops.total_hardware / denom)
 
-    return {
-        "recipe": recipe.name,
-        "stage": recipe.stage,
-        "arch": recipe.model.arch,
-        "cluster": dict(gpu=card.key, gpu_name=card.name, gpus=n_gpus, memory_gib=card.memory_gib,
-                        usable_fraction=USABLE_FRACTION, usable_bytes=int(usable), peak_flops=peak,
-                        peak_kind=PEAK_LABEL[precision]),
-        "batch": dict(global_batch=recipe.data.global_batch, micro_batch=b, accumulation=accumulation,
-                      samples=samples, steps=recipe.steps, contrastive_batch=recipe.data.contrastive_batch,
-                      negatives=0 if distill else b * n_gpus * _contrastive_accumulation(recipe, b, n_gpus)),
-        "tokens": dict(image=s_img, text=s_txt if not distill else 0, image_size=img_size, patches=patches,
-                       image_method=recipe.tokens.image.method, text_method=recipe.tokens.text.method,
-                       images_per_sample=per_sample),
-        "params": params,
-        "memory": dict(precision=precision, attention="sdpa", grad_checkpointing=ckpt,
-                       zero_stage=recipe.deepspeed.zero_stage, offload_optimizer=off_opt, offload_param=off_param,
-                       largest_block_params=largest_block, activations=act, stages=stages),
-        "flops": dict(forward_per_sample={k: float(v) for k, v in fwd.items()},
-                      forward_total_per_sample=float(sum(fwd.values())), model_per_sample=float(model_ps),
-                      hardware_per_sample=float(hw_ps), total_model=float(total_model),
-                      total_hardware=float(total_hw)),
-        "compute": compute,
-        "implied": implied,
-        "warnings": warnings,
-    }
+
+def _time_warnings(samples: int, implied: Optional[Implied]) -> list[str]:
+    warnings = []
+    if not samples:
+        warnings.append("data.samples is 0: set it to get total FLOPs and GPU-hours")
+    if implied and implied.hfu > 1.0:
+        warnings.append(f"{implied.hours:g} h on {implied.gpus} GPUs would need {implied.hfu:.2f}x the peak: "
+                        "impossible at these token counts")
+    return warnings
+
+
+def estimate_result(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hours: Optional[float] = None,
+                    mfu: float = DEFAULT_MFU) -> Estimate:
+    """The numbers behind ``evaclip estimate`` for a loaded :class:`~evaclip_cli.recipes.Recipe`, typed.
+    ``gpu``/``gpus`` default to the recipe's ``compute`` section; ``hours`` (default ``compute.reported_hours``)
+    gives the MFU a run of that length implies."""
+    card, n_gpus = _check_inputs(recipe, gpu, gpus, hours, mfu)
+    precision, samples = recipe.deepspeed.precision, recipe.data.samples
+    spec = recipe.spec()
+    tok = _tokens(recipe, spec)
+    e = _bytes_per(precision)[3]
+    setup = _distill_setup(recipe, spec, tok, e) if recipe.stage == "distill" else _clip_setup(recipe, spec, tok,
+                                                                                                n_gpus, e)
+    usable = USABLE_FRACTION * card.memory_gib * GiB
+    peak = card.peak[precision]
+    memory = _memory(recipe, setup, n_gpus, usable)
+    batch = _batch(recipe, setup, n_gpus)
+    flops = _flop_counts(setup, samples, recipe.model.grad_checkpointing)
+    implied = _implied(recipe, hours, flops, samples, peak, n_gpus)
+    warnings = (setup.warnings + _batch_warnings(recipe, batch, memory, card, n_gpus, usable)
+                + _time_warnings(samples, implied))
+    cluster = Cluster(gpu=card.key, gpu_name=card.name, gpus=n_gpus, memory_gib=card.memory_gib,
+                      usable_fraction=USABLE_FRACTION, usable_bytes=int(usable), peak_flops=peak,
+                      peak_kind=PEAK_LABEL[precision])
+    return Estimate(recipe=recipe.name, stage=recipe.stage, arch=recipe.model.arch, cluster=cluster, batch=batch,
+                    tokens=tok, params=setup.params, memory=memory, flops=flops,
+                    compute=_compute(flops, samples, peak, mfu, n_gpus), implied=implied, warnings=warnings)
+
+
+def estimate(recipe, gpu: Optional[str] = None, gpus: Optional[int] = None, hours: Optional[float] = None,
+             mfu: float = DEFAULT_MFU) -> dict:
+    """:func:`estimate_result` as a plain dict (JSON-serialisable, stable keys: the ``--json`` output)."""
+    return estimate_result(recipe, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------- printing
@@ -515,92 +770,110 @@ def _flops(x: float) -> str:
     return f"{x:,.0f} FLOP"
 
 
-def _render(r: dict) -> None:
+def _params_table(r: Estimate):
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
-    cl, p = r["cluster"], r["params"]
-
-    t = Table(title=f"Parameters — {r['recipe']} ({r['stage']}, arch {r['arch']})", box=box.SIMPLE_HEAD,
-              pad_edge=False)
+    t = Table(title=f"Parameters — {r.recipe} ({r.stage}, arch {r.arch})", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("part")
     t.add_column("parameters", justify="right")
     t.add_column("billions", justify="right")
-    rows = [("vision tower" + (" (student trunk + MIM head)" if r["stage"] == "distill" else ""), p["vision"])]
-    if r["stage"] == "distill":
-        rows += [("  of which mask_token + lm_head", p["mim_head"]),
-                 ("teacher vision (frozen: weights only)", p["teacher_vision"])]
+    p, distill = r.params, r.stage == "distill"
+    rows = [("vision tower" + (" (student trunk + MIM head)" if distill else ""), p.vision)]
+    if distill:
+        rows += [("  of which mask_token + lm_head", p.mim_head),
+                 ("teacher vision (frozen: weights only)", p.teacher_vision)]
     else:
-        rows += [("text tower", p["text"]), ("other (logit_scale)", p["other"])]
-    if r["stage"] != "distill" and p["frozen"]:
-        rows += [("frozen by model.lock (weights only)", p["frozen"])]
-    rows += [("trainable", p["trainable"]), ("total", p["total"])]
+        rows += [("text tower", p.text), ("other (logit_scale)", p.other)]
+    if not distill and p.frozen:
+        rows += [("frozen by model.lock (weights only)", p.frozen)]
+    rows += [("trainable", p.trainable), ("total", p.total)]
     for name, n in rows:
         t.add_row(name, f"{n:,}", f"{n / 1e9:.3f}")
-    con.print(t)
+    return t
 
-    mem, act = r["memory"], r["memory"]["activations"]
-    b = r["batch"]["micro_batch"]
-    t = Table(title=f"Memory per GPU, GiB ({cl['gpu_name']} x {cl['gpus']}, {mem['precision']}, micro batch {b})",
-              caption=f"✓ fits: states + activations <= {cl['usable_fraction']:.0%} of {cl['memory_gib']} GiB",
+
+def _fit_cell(total: int, ok: bool) -> str:
+    return f"[{'green' if ok else 'red'}]{_gib(total)} {'✓' if ok else '✗'}[/]"
+
+
+def _memory_table(r: Estimate):
+    from rich import box
+    from rich.table import Table
+
+    cl, mem, b = r.cluster, r.memory, r.batch.micro_batch
+    t = Table(title=f"Memory per GPU, GiB ({cl.gpu_name} x {cl.gpus}, {mem.precision}, micro batch {b})",
+              caption=f"✓ fits: states + activations <= {cl.usable_fraction:.0%} of {cl.memory_gib} GiB",
               box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("ZeRO", "weights", "grads", "optim", "buffers", "states", "ckpt", "no ckpt", "max b"):
         t.add_column(col, justify="right", no_wrap=True)
+    for row in mem.stages:
+        k = row.zero_stage
+        label = f"{k}{'*' if k == mem.zero_stage else ''}"
+        if row.offloaded:
+            label += " (offload " + "+".join(row.offloaded) + ")"
+        t.add_row(label, _gib(row.weights_bytes), _gib(row.grads_bytes), _gib(row.optimizer_bytes),
+                  _gib(row.buffers_bytes), _gib(row.model_states_bytes), _fit_cell(row.total_ckpt_bytes, row.fits_ckpt),
+                  _fit_cell(row.total_full_bytes, row.fits_full),
+                  f"{row.max_micro_batch_ckpt:,} / {row.max_micro_batch_full:,}")
+    return t
 
-    def cell(row, key):
-        ok = row[f"fits_{key}"]
-        return f"[{'green' if ok else 'red'}]{_gib(row[f'total_{key}_bytes'])} {'✓' if ok else '✗'}[/]"
 
-    for row in mem["stages"]:
-        k = row["zero_stage"]
-        label = f"{k}{'*' if k == mem['zero_stage'] else ''}"
-        if row["offloaded"]:
-            label += " (offload " + "+".join(row["offloaded"]) + ")"
-        t.add_row(label, _gib(row["weights_bytes"]), _gib(row["grads_bytes"]), _gib(row["optimizer_bytes"]),
-                  _gib(row["buffers_bytes"]), _gib(row["model_states_bytes"]), cell(row, "ckpt"), cell(row, "full"),
-                  f"{row['max_micro_batch_ckpt']:,} / {row['max_micro_batch_full']:,}")
-    con.print(t)
-    ck, fu = act["checkpointed"], act["full"]
-    con.print(f"  activations at micro batch {b}: {_gib(ck['total_bytes'])} GiB with checkpointing "
-              f"(loss {_gib(ck['loss_bytes'])}, one recomputed layer {_gib(ck['recompute_layer_bytes'])}), "
-              f"{_gib(fu['total_bytes'])} GiB without; * = the recipe's stage "
-              f"(checkpointing {'on' if mem['grad_checkpointing'] else 'off'}); max b = largest micro batch that fits, "
-              "with / without checkpointing; "
-              "buffers = ZeRO >= 1 gradient bucket + ZeRO-3 gather of the largest block and fp32 gradients of the "
-              "stepped sub-group "
-              f"({mem['largest_block_params'] / 1e6:,.0f}M params)")
+def _memory_note(r: Estimate) -> str:
+    mem, b = r.memory, r.batch.micro_batch
+    ck, fu = mem.activations["checkpointed"], mem.activations["full"]
+    return (f"  activations at micro batch {b}: {_gib(ck.total_bytes)} GiB with checkpointing "
+            f"(loss {_gib(ck.loss_bytes)}, one recomputed layer {_gib(ck.recompute_layer_bytes)}), "
+            f"{_gib(fu.total_bytes)} GiB without; * = the recipe's stage "
+            f"(checkpointing {'on' if mem.grad_checkpointing else 'off'}); max b = largest micro batch that fits, "
+            "with / without checkpointing; "
+            "buffers = ZeRO >= 1 gradient bucket + ZeRO-3 gather of the largest block and fp32 gradients of the "
+            "stepped sub-group "
+            f"({mem.largest_block_params / 1e6:,.0f}M params)")
 
-    fl, comp, tok = r["flops"], r["compute"], r["tokens"]
+
+def _compute_table(r: Estimate):
+    from rich import box
+    from rich.table import Table
+
+    fl, comp, tok, cl, imp = r.flops, r.compute, r.tokens, r.cluster, r.implied
     t = Table(title="Compute", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("quantity", no_wrap=True)
     t.add_column("value", justify="right")
-    t.add_row("tokens per sample", f"image {tok['image']} ({tok['image_size']} px, {tok['image_method']})"
-              + (f", text {tok['text']} ({tok['text_method']})" if r["stage"] != "distill" else "")
-              + (f", {tok['images_per_sample']:.2f} images/sample" if tok["images_per_sample"] != 1 else ""))
-    for name, v in fl["forward_per_sample"].items():
+    t.add_row("tokens per sample", f"image {tok.image} ({tok.image_size} px, {tok.image_method})"
+              + (f", text {tok.text} ({tok.text_method})" if r.stage != "distill" else "")
+              + (f", {tok.images_per_sample:.2f} images/sample" if tok.images_per_sample != 1 else ""))
+    for name, v in fl.forward_per_sample.items():
         if v or name != "loss":
             t.add_row(f"forward / sample: {name}" + (" (frozen)" if name == "teacher" else ""), _flops(v))
-    t.add_row("model FLOPs / sample (training)", _flops(fl["model_per_sample"]))
-    t.add_row("hardware FLOPs / sample (with recompute)", _flops(fl["hardware_per_sample"]))
-    t.add_row("samples / steps", f"{r['batch']['samples']:,} / {r['batch']['steps']:,}")
-    t.add_row("total model FLOPs", f"{fl['total_model']:.3e}")
-    t.add_row("peak per GPU", f"{cl['peak_flops'] / 1e12:,.0f} TFLOP/s ({cl['peak_kind']})")
-    if comp["gpu_hours"] is not None:
-        t.add_row(f"GPU-hours at {comp['mfu']:.0%} MFU", f"{comp['gpu_hours']:,.0f}")
-        t.add_row(f"wall-clock on {cl['gpus']} GPUs", f"{comp['wall_clock_hours']:,.0f} h = "
-                  f"{comp['wall_clock_days']:,.1f} days")
-    imp = r["implied"]
+    t.add_row("model FLOPs / sample (training)", _flops(fl.model_per_sample))
+    t.add_row("hardware FLOPs / sample (with recompute)", _flops(fl.hardware_per_sample))
+    t.add_row("samples / steps", f"{r.batch.samples:,} / {r.batch.steps:,}")
+    t.add_row("total model FLOPs", f"{fl.total_model:.3e}")
+    t.add_row("peak per GPU", f"{cl.peak_flops / 1e12:,.0f} TFLOP/s ({cl.peak_kind})")
+    if comp.gpu_hours is not None:
+        t.add_row(f"GPU-hours at {comp.mfu:.0%} MFU", f"{comp.gpu_hours:,.0f}")
+        t.add_row(f"wall-clock on {cl.gpus} GPUs", f"{comp.wall_clock_hours:,.0f} h = {comp.wall_clock_days:,.1f} days")
     if imp:
-        t.add_row(f"MFU implied by {imp['hours']:g} h on {imp['gpus']} GPUs ({imp['source']})",
-                  f"{imp['mfu']:.3f} (HFU {imp['hfu']:.3f})")
-    con.print(t)
-    if imp and imp["source"] == "paper-reported":
-        con.print(f"  check against the paper: {imp['hours']:g} h on {imp['gpus']} x {cl['gpu_name']} for "
-                  f"{r['batch']['samples']:,} samples implies MFU {imp['mfu']:.1%} (HFU {imp['hfu']:.1%} with "
-                  "recompute)")
-    for w in r["warnings"]:
+        t.add_row(f"MFU implied by {imp.hours:g} h on {imp.gpus} GPUs ({imp.source})",
+                  f"{imp.mfu:.3f} (HFU {imp.hfu:.3f})")
+    return t
+
+
+def _render(r: Estimate) -> None:
+    """The three tables (parameters, memory per GPU, compute), the paper check and the warnings."""
+    from rich.console import Console
+
+    con = Console()
+    con.print(_params_table(r))
+    con.print(_memory_table(r))
+    con.print(_memory_note(r))
+    con.print(_compute_table(r))
+    imp = r.implied
+    if imp and imp.source == "paper-reported":
+        con.print(f"  check against the paper: {imp.hours:g} h on {imp.gpus} x {r.cluster.gpu_name} for "
+                  f"{r.batch.samples:,} samples implies MFU {imp.mfu:.1%} (HFU {imp.hfu:.1%} with recompute)")
+    for w in r.warnings:
         con.print(f"[yellow]note:[/] {w}")
 
 
@@ -609,13 +882,14 @@ def run_estimate(recipe: str, overrides: list, gpu: Optional[str] = None, gpus: 
     """Load the recipe, estimate, print tables (or one JSON object with ``as_json``)."""
     from evaclip_cli.recipes import load_recipe
 
-    r = estimate(load_recipe(recipe, overrides).recipe, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu)
+    result = estimate_result(load_recipe(recipe, overrides).recipe, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu)
+    r = result.to_dict()
     if as_json:
         import sys
 
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
     else:
-        _render(r)
+        _render(result)
     return r
 
 
