@@ -17,7 +17,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import IO, Iterator, Optional, Union
 
 from evaclip_cli.errors import UserError
 
@@ -77,7 +77,7 @@ def remove_stale_temporaries(folder: PathLike, notify=None) -> list[Path]:
 
     folder = Path(folder)
     pattern = re.compile(r"^\..+\.(tmp|old)-(?P<host>[^-/]+)-(?P<pid>\d+)$")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -204,7 +204,7 @@ class OutputLock:
 
     def __init__(self, lock_path: PathLike, what: PathLike):
         self.path, self.what = Path(lock_path), Path(what)
-        self._fh = None
+        self._fh: Optional[IO[str]] = None
 
     def acquire(self) -> "OutputLock":
         import fcntl

@@ -170,8 +170,8 @@ def run_demo(out: Path, skip: int = 0) -> int:
     table.add_column("stage", no_wrap=True)
     table.add_column("s", justify="right")
     table.add_column("result", overflow="fold")
-    for name, _, secs, figure in rows:
-        table.add_row(name, secs, figure)
+    for name, _, took, figure in rows:
+        table.add_row(name, took, figure)
     console.print(table)
     _print_teacher_vs_student(console, out)
     console.print(f"total {time.perf_counter() - t_all:.0f} s; model card: {out / 'push' / 'README.md'}; "

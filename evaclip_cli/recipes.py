@@ -387,7 +387,7 @@ class Recipe(_Section):
         img = self.tokens.image
         if img.method == "resize" and not img.image_size:
             raise ValueError("tokens.image.method = 'resize' needs tokens.image.image_size")
-        if img.method == "resize" and img.image_size % v.patch_size:
+        if img.method == "resize" and img.image_size and img.image_size % v.patch_size:
             raise ValueError(f"tokens.image.image_size {img.image_size} is not a multiple of patch_size {v.patch_size}")
         if self.init.clip and self.stage == "distill":
             raise ValueError("init.clip (a whole CLIP to continue from) is read by the train and video stages; "
@@ -410,7 +410,7 @@ class Recipe(_Section):
 
     def train_image_size(self) -> int:
         t = self.tokens.image
-        return t.image_size if t.method == "resize" else self.spec().vision.image_size
+        return t.image_size if t.method == "resize" and t.image_size else self.spec().vision.image_size
 
     def image_tokens(self) -> int:
         """Sequence length the vision tower sees while training (CLS included), after token reduction."""

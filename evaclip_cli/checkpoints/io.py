@@ -242,7 +242,8 @@ def write_torch_file(path: Path, state: dict, dtype=None) -> None:
             self.storage, self.shape = storage, shape
 
         def __reduce__(self):
-            stride, n = [], 1
+            stride: list[int] = []
+            n = 1
             for d in reversed(self.shape):
                 stride.insert(0, n)
                 n *= d

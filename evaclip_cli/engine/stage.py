@@ -102,7 +102,7 @@ class LoaderStage:
     """What every stage shares: data bookkeeping (its ``build_loader`` sets ``self._data``, a resumable loader) and
     no periodic eval or export unless the stage defines them."""
 
-    _data = None
+    _data: Any = None  # the stage's resumable loader (data.wds.TrainLoader or the video one), set by build_loader
 
     def consumed(self, batch):
         self._data.consumed(batch)
@@ -111,7 +111,7 @@ class LoaderStage:
         return self._data.state_dict()
 
     def log_extras(self, ctx):
-        c = self._data.counters() if self._data is not None else {}
+        c: dict = self._data.counters() if self._data is not None else {}
         return {f"data_{k}": v for k, v in c.items()}
 
     def evaluate(self, ctx, step) -> dict:

@@ -71,7 +71,19 @@ def _backoff_s() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ Hub errors
-def _chain(exc: BaseException):
+def _first_module(*names: str):
+    """The first of ``names`` that imports, or None."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _chain(exc: Optional[BaseException]):
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -100,13 +112,7 @@ def _is_transient(exc: BaseException) -> bool:
     status = _http_status(exc)
     if status is not None:
         return status in TRANSIENT_STATUS
-    try:
-        import httpx2 as httpx
-    except ImportError:  # huggingface_hub < 2 used httpx / requests
-        try:
-            import httpx
-        except ImportError:
-            httpx = None
+    httpx = _first_module("httpx2", "httpx")  # huggingface_hub < 2 used httpx / requests
     for e in _chain(exc):
         if httpx is not None and isinstance(e, httpx.TransportError):
             return True
@@ -253,6 +259,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
                           model_card(repo_id, staged, license=license, datasets=datasets, results=results_data))
         files = {**staged.files, "README.md": readme}
         if dry_run:
+            assert out is not None  # set with the lock above
             with AtomicDir(out, force) as tmp:
                 for name, path in files.items():
                     _link_or_copy(path, tmp / name)
@@ -263,6 +270,7 @@ def run_push(src, repo_id: str, *, private: bool = False, revision: Optional[str
                 echo(f"  {name:<48} {format_size(size, 2):>11}  sha256 {sha}")
             echo(f"upload it with: evaclip push {out} --repo {repo_id} --card {out / 'README.md'}")
             return {"dry_run": True, "out": str(out), "files": {n: {"size": s, "sha256": h} for n, s, h in listing}}
+        assert token is not None  # checked above, before anything was staged
         return _upload(repo_id, files, token=token, private=private, revision=revision, create_pr=create_pr,
                        commit_message=commit_message or f"Upload {repo_id.split('/', 1)[1]} with evaclip {__version__}",
                        overwrite_card=overwrite_card, scrub=scrub, log=log, echo=echo)

@@ -106,6 +106,7 @@ def stage(src: Path, work: Path, *, max_shard_size: Optional[str] = None, dtype:
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, out / name)
         folder = out
+    assert folder is not None  # a run's final/, an open_clip folder, or the conversion just made
     files = {CONFIG_NAME: folder / CONFIG_NAME}
     files.update({name: folder / name for name in _weight_files(folder)})
     files.update({name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()})

@@ -30,7 +30,8 @@ def _engine_clip_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.logit_scale = nn.Parameter(self.logit_scale.detach().reshape(1).clone())
+            scale = self.logit_scale  # type: ignore[has-type]  # open_clip's attribute (open_clip is not type-checked)
+            self.logit_scale = nn.Parameter(scale.detach().reshape(1).clone())
 
     return EngineCLIP
 

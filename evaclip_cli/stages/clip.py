@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
 from evaclip_cli.engine.stage import LoaderStage
@@ -22,8 +22,8 @@ class ClipStage(LoaderStage):
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.spec = recipe.spec()
-        self._data = None
-        self.reducer = None
+        self._data: Any = None
+        self.reducer: Any = None  # CLIPA's token reducer (models.tokens), when tokens.image masks patches
         self.eval_sets: list[tuple[str, Path]] = []  # zero-shot classification
         self.retrieval_sets: list[tuple[str, Path, Optional[Path]]] = []  # image-text retrieval (+ images folder)
         self.video_sets: list[tuple[str, Path]] = []  # video classification or retrieval (the middle frame here)
@@ -54,9 +54,9 @@ class ClipStage(LoaderStage):
         if lock.image or lock.text:
             from evaclip_cli.models.clip import lock_towers
 
-            n = lock_towers(model, lock)
-            ctx.print(f"locked towers: {n['frozen']:,} parameters frozen (no gradients, no optimizer state), "
-                      f"{n['trained']:,} trained")
+            locked = lock_towers(model, lock)
+            ctx.print(f"locked towers: {locked['frozen']:,} parameters frozen (no gradients, no optimizer state), "
+                      f"{locked['trained']:,} trained")
         if r.model.vision.drop_path:
             from timm.layers import DropPath
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from evaclip_cli import atomic
 from evaclip_cli.engine.params import TowerCfg, clip_layer_id
@@ -160,7 +160,7 @@ class DistillStage(LoaderStage):
             raise UserError(f"teacher patch grid {self.teacher_spec.vision.grid}x{self.teacher_spec.vision.grid} "
                             f"differs from the student's {self.spec.vision.grid}x{self.spec.vision.grid}: use the "
                             "same image_size/patch_size ratio")
-        self._data = None
+        self._data: Any = None
 
     def build_model(self, ctx):
         import contextlib
@@ -177,7 +177,7 @@ class DistillStage(LoaderStage):
             cm = contextlib.nullcontext()
         with cm:
             model = _build_distill_model(self.spec, self.teacher_spec, self.teacher_spec.embed_dim)
-        state = load_teacher_state(self.recipe.distill.teacher, self.teacher_spec) \
+        state = load_teacher_state(str(self.recipe.distill.teacher), self.teacher_spec) \
             if ctx.info.is_main or not zero3 else {}
         if zero3:
             from evaclip_cli.checkpoints.init import _Shape
@@ -245,7 +245,7 @@ class DistillStage(LoaderStage):
         images = batch["image"].to(ctx.device, dtype=dtype)
         rng = random.Random(hash((r.seed, step, ctx.info.rank, ctx.engine.micro_steps)))
         grid = self.spec.vision.grid
-        masks = [block_mask(grid, d.mask_ratio, d.min_mask_patches, tuple(d.mask_aspect), rng)
+        masks = [block_mask(grid, d.mask_ratio, d.min_mask_patches, (d.mask_aspect[0], d.mask_aspect[1]), rng)
                  for _ in range(images.shape[0])]
         mask = torch.tensor(masks, dtype=torch.bool, device=ctx.device)
         pred, target = ctx.engine(images, mask)
