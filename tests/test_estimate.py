@@ -238,3 +238,31 @@ def test_dry_run_builds_the_full_model_on_meta_and_prints_per_rank_states(capsys
     assert code == 0, err
     line = " ".join(out.split())
     assert "per rank on 16 ranks (ZeRO-3, bf16)" in line, line
+
+
+def test_json_keys_are_stable():
+    """The typed result serialises to the keys (and key order) that ``--json`` has always had: the dataclasses'
+    field order is the JSON schema, and activations are keyed by the trained towers."""
+    from evaclip_cli.estimate import estimate_result
+
+    recipe = load_recipe("tiny", []).recipe
+    r = estimate(recipe, hours=1.0)
+    assert r == estimate_result(recipe, hours=1.0).to_dict()
+    assert list(r) == ["recipe", "stage", "arch", "cluster", "batch", "tokens", "params", "memory", "flops",
+                       "compute", "implied", "warnings"]
+    assert list(r["memory"]) == ["precision", "attention", "grad_checkpointing", "zero_stage", "offload_optimizer",
+                                 "offload_param", "largest_block_params", "activations", "stages"]
+    assert list(r["memory"]["activations"]["full"]) == ["vision_bytes", "text_bytes", "recompute_layer_bytes",
+                                                        "loss_bytes", "total_bytes"]
+    assert list(r["memory"]["stages"][3]) == [
+        "zero_stage", "weights_bytes", "grads_bytes", "optimizer_bytes", "buffers_bytes", "gather_bytes",
+        "bucket_bytes", "step_grads_bytes", "model_states_bytes", "offloaded", "total_ckpt_bytes", "fits_ckpt",
+        "max_micro_batch_ckpt", "total_full_bytes", "fits_full", "max_micro_batch_full"]
+    assert list(r["flops"]) == ["forward_per_sample", "forward_total_per_sample", "model_per_sample",
+                                "hardware_per_sample", "total_model", "total_hardware"]
+    assert list(r["compute"]) == ["mfu", "gpu_hours", "wall_clock_hours", "wall_clock_days"]
+    assert list(r["implied"]) == ["hours", "source", "gpus", "mfu", "hfu"]
+    # a frozen image tower stores no activations: only the text tower is keyed
+    locked = est("tiny", ["model.lock.image=true"])["memory"]["activations"]["checkpointed"]
+    assert [k for k in locked if k.endswith("_bytes")][:1] == ["text_bytes"]
+    assert json.loads(json.dumps(r)) == r
