@@ -897,17 +897,17 @@ def rank_bytes(recipe, world: int, on_gpu: bool, zero_stage: Optional[int] = Non
     """(model-state bytes, activation bytes) one rank of a ``world``-process run of ``recipe`` holds at its micro
     batch and ``zero_stage`` (default: the recipe's): parameters, gradients and optimizer states (no buffers: a
     lower bound). Off a GPU an offload moves nothing off the machine, so offloaded states count there."""
-    r = estimate(recipe, gpus=world)
+    r = estimate_result(recipe, gpus=world)
     stage = recipe.deepspeed.zero_stage if zero_stage is None else zero_stage
-    row = r["memory"]["stages"][stage]
-    states = row["weights_bytes"] + row["grads_bytes"] + row["optimizer_bytes"]
-    if not on_gpu and row["offloaded"]:
-        P, (wb, _, ob, _) = r["params"]["trainable"], _bytes_per(recipe.deepspeed.precision)
-        if "optimizer" in row["offloaded"]:
+    row = r.memory.stages[stage]
+    states = float(row.weights_bytes + row.grads_bytes + row.optimizer_bytes)
+    if not on_gpu and row.offloaded:
+        P, (wb, _, ob, _) = r.params.trainable, _bytes_per(recipe.deepspeed.precision)
+        if "optimizer" in row.offloaded:
             states += (ob + (4 if recipe.deepspeed.precision == "fp32" else 0)) * P / world
-        if "weights" in row["offloaded"]:
+        if "weights" in row.offloaded:
             states += wb * P / world
-    act = r["memory"]["activations"]["checkpointed" if recipe.model.grad_checkpointing else "full"]["total_bytes"]
+    act = r.memory.activations["checkpointed" if recipe.model.grad_checkpointing else "full"].total_bytes
     return float(states), float(act)
 
 
@@ -939,8 +939,8 @@ def _what_fits(recipe, world: int, available: float, on_gpu: bool, per_sample: f
                                                                                else [])
             return f"{' '.join(change)} would fit ({_gib(states + d * per_sample)} GiB)"
     if on_gpu:
-        r = estimate(recipe, gpus=world)["memory"]["stages"][3]
-        if r["grads_bytes"] + per_sample <= available:
+        zero3 = estimate_result(recipe, gpus=world).memory.stages[3]
+        if zero3.grads_bytes + per_sample <= available:
             return ("deepspeed.zero_stage=3 deepspeed.offload_optimizer=true deepspeed.offload_param=true with a "
                     "small micro batch would fit")
     need = rank_bytes(recipe, world, on_gpu, 3)[0] + per_sample
@@ -952,14 +952,14 @@ def per_rank_states(recipe, gpus: Optional[int] = None) -> str:
     """One line for ``--dry-run``: the recipe's model built on the meta device (no allocation) and, for ``gpus``
     processes (default: the recipe's own world size, ``compute.gpus``) and its ZeRO stage, the bytes of parameters,
     gradients and optimizer states each rank holds."""
-    r = estimate(recipe, gpus=gpus)
+    r = estimate_result(recipe, gpus=gpus)
     stage = recipe.deepspeed.zero_stage
-    st = next(x for x in r["memory"]["stages"] if x["zero_stage"] == stage)
-    ranks = r["cluster"]["gpus"]
-    extra = f" + {_gib(st['buffers_bytes'])} GiB gathered-layer buffers" if st.get("buffers_bytes") else ""
-    return (f"model built on the meta device: {r['params']['total']:,} parameters; per rank on {ranks} ranks "
-            f"(ZeRO-{stage}, {recipe.deepspeed.precision}): parameters {_gib(st['weights_bytes'])} GiB, gradients "
-            f"{_gib(st['grads_bytes'])} GiB, optimizer states {_gib(st['optimizer_bytes'])} GiB{extra} "
+    st = r.memory.stages[stage]
+    ranks = r.cluster.gpus
+    extra = f" + {_gib(st.buffers_bytes)} GiB gathered-layer buffers" if st.buffers_bytes else ""
+    return (f"model built on the meta device: {r.params.total:,} parameters; per rank on {ranks} ranks "
+            f"(ZeRO-{stage}, {recipe.deepspeed.precision}): parameters {_gib(st.weights_bytes)} GiB, gradients "
+            f"{_gib(st.grads_bytes)} GiB, optimizer states {_gib(st.optimizer_bytes)} GiB{extra} "
             f"(`evaclip estimate` for activations and the fit)")
 
 
@@ -972,13 +972,13 @@ DEVICE_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), 
 def model_flops_per_sample(recipe, gpus: int) -> float:
     """Model FLOPs of one training sample (forward + backward, without recompute) when ``gpus`` devices train
     ``recipe``: the one formula behind ``evaclip estimate``, the run's telemetry and ``bench/gpu_check.py``."""
-    return float(estimate(recipe, gpus=gpus)["flops"]["model_per_sample"])
+    return float(estimate_result(recipe, gpus=gpus).flops.model_per_sample)
 
 
 def tokens_kept(recipe) -> tuple[int, int]:
     """(image, text) tokens per sample that the towers see after CLIPA's reduction (``tokens``)."""
-    t = estimate(recipe, gpus=1)["tokens"]
-    return int(t["image"]), int(t["text"])
+    t = estimate_result(recipe, gpus=1).tokens
+    return int(t.image), int(t.text)
 
 
 def device_peak_flops(device_name: str, precision: str = "bf16", override_tflops: Optional[float] = None
