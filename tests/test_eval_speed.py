@@ -379,7 +379,7 @@ def test_classifier_built_while_images_decode_is_the_same(tiny_clip_folder, jpeg
     from evaclip_cli.checkpoints.load import load_clip
     from evaclip_cli.eval.loops import Runtime, classify, open_batches
     from evaclip_cli.eval.prompts import classifier
-    from evaclip_cli.eval.runner import predicted_image_size
+    from evaclip_cli.eval.runtime import predicted_image_size
 
     loaded = load_clip(str(tiny_clip_folder))
     assert predicted_image_size(str(tiny_clip_folder)) == loaded.image_size

@@ -51,12 +51,32 @@ def setup() -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank, world = tdist.get_rank(), tdist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
+    return DistInfo(rank, world, local, _bind_device(local))
+
+
+def setup_inference() -> DistInfo:
+    """Data-parallel inference (eval, embed) under torchrun, without DeepSpeed: a process group only when torchrun
+    started several ranks; a bare process stays single, with no group."""
+    import torch
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(rank, world, local, _bind_device(local))
+
+
+def _bind_device(local: int) -> str:
+    """This rank's device: its GPU (made current) when there are GPUs, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-    return DistInfo(rank, world, local, device)
+        return f"cuda:{local}"
+    return "cpu"
 
 
 def _free_port() -> int:

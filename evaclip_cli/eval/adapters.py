@@ -221,3 +221,57 @@ class ClipSet:
         pos = {v: p for p, v in enumerate(order)}
         kept = [(c, pos[o]) for c, o in zip(self._captions, self._owner) if o in pos]
         return [c for c, _ in kept], [p for _, p in kept]
+
+
+# ------------------------------------------------------------------------------------------------ the one builder
+#: the tasks ``build_adapter`` knows
+TASKS = ("zeroshot", "retrieval", "video_classification", "video_retrieval")
+
+
+def is_retrieval_manifest(path: Any) -> bool:
+    """A ``path,caption`` CSV (no ``label`` column): video-text retrieval rather than classification."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return False
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = [h.strip().lower() for h in fh.readline().split(",")]
+    return "caption" in header and "label" not in header
+
+
+def video_task(path: Any) -> str:
+    """The task of a video set: ``video_retrieval`` for a ``path,caption`` manifest, else ``video_classification``."""
+    return "video_retrieval" if is_retrieval_manifest(path) else "video_classification"
+
+
+def build_adapter(task: str, path: Any, name: str, *, loaded=None, frames: int = 1, images: Any = None):
+    """The adapter over one set for ``task`` (``TASKS``): an image classification set (``zeroshot``, any layout
+    ``evaclip eval zeroshot`` reads, its test split), an image-text retrieval set (``retrieval``; ``images``: a
+    caption JSON's images folder), or a video set read with ``frames`` frames per clip. Items are read with
+    ``loaded``'s preprocessing; a video set may be built before the model loads (``loaded`` None: the clips' size is
+    set later with ``set_image_size``)."""
+    from pathlib import Path
+
+    if task == "zeroshot":
+        from evaclip_cli.data.benchmarks import classification_set
+
+        return ImageSet(classification_set(str(path), split="test", class_key="cls"), loaded.transform(),
+                        loaded.image_size, None)
+    if task == "retrieval":
+        from evaclip_cli.data.benchmarks import retrieval_set
+
+        return ImageSet(retrieval_set(str(path), images=str(images) if images else None), loaded.transform(),
+                        loaded.image_size)
+    size = loaded.image_size if loaded is not None else 0
+    if task == "video_retrieval":
+        from evaclip_cli.data.video import load_video_retrieval
+
+        ds, captions, owner = load_video_retrieval(Path(path), frames, size)
+        return ClipSet(ds, name, frames, size, captions=captions, owner=owner)
+    if task == "video_classification":
+        from evaclip_cli.data.video import load_video_classification
+
+        ds, classnames, templates = load_video_classification(Path(path), frames, size)
+        return ClipSet(ds, name, frames, size, classnames, templates)
+    raise ValueError(f"unknown eval task {task!r} (one of {', '.join(TASKS)})")

@@ -439,7 +439,7 @@ def _batches(ctx: _Ctx, shards: list) -> Iterator[tuple]:
     import torch
 
     from evaclip_cli.eval.adapters import collate
-    from evaclip_cli.eval.runner import default_workers
+    from evaclip_cli.eval.runtime import default_workers
 
     bs = ctx.job.batch_size
     sampler = []
@@ -513,7 +513,7 @@ class _Report:
     """Progress: a Rich bar of this rank's rows on a terminal (rank 0), else one plain line per shard written."""
 
     def __init__(self, total_rows: int, shards: int, rank: int, world: int):
-        from evaclip_cli.eval.runner import Progress
+        from evaclip_cli.eval.report import Progress
 
         self.shards, self.written = shards, 0
         self.who = f"rank {rank}: " if world > 1 else ""
@@ -546,7 +546,8 @@ def run_embed(job: EmbedJob, p: Optional[Plan] = None) -> Optional[dict]:
 
     from evaclip_cli.checkpoints.load import load_clip
     from evaclip_cli.engine.dist import barrier
-    from evaclip_cli.eval.runner import autocast, import_open_clip_lean, resolve_precision, setup_dist
+    from evaclip_cli.eval.runtime import autocast, resolve_precision, setup_dist
+    from evaclip_cli.models.openclip_compat import import_open_clip_lean
 
     p = prepare(job) if p is None else p
     out = Path(job.output)

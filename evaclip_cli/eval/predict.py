@@ -91,7 +91,8 @@ def predict(model: str, images: Sequence[Path], labels: list[str], templates: li
     from evaclip_cli.checkpoints.load import load_clip
     from evaclip_cli.data.benchmarks import decode_image
     from evaclip_cli.eval.prompts import classifier
-    from evaclip_cli.eval.runner import autocast, import_open_clip_lean, resolve_precision
+    from evaclip_cli.eval.runtime import autocast, resolve_precision
+    from evaclip_cli.models.openclip_compat import import_open_clip_lean
 
     check_images(images)
     import_open_clip_lean(model, pretrained)

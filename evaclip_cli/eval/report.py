@@ -1,7 +1,8 @@
 """Markdown reports: the eval-suite results table (``evaclip eval suite``, the model card of ``evaclip push``) and the
-training summary of a run folder (``evaclip_recipe.toml`` + ``metrics.jsonl``).
+training summary of a run folder (``evaclip_recipe.toml`` + ``metrics.jsonl``); and what the eval commands print: a
+progress bar, the results table, then the metrics JSON written.
 
-Light on purpose: JSON/TOML in, Markdown out; no torch.
+Light on purpose: JSON/TOML in, Markdown or a Rich table out; no torch.
 """
 from __future__ import annotations
 
@@ -277,3 +278,84 @@ def datasets_for(run_dir: Optional[Path], extra: Iterable[str] = ()) -> list[str
     if run_dir is not None:
         out += [d for d in recipe_datasets(read_recipe(run_dir)) if d not in out]
     return out
+
+
+# --------------------------------------------------------------------------------- the eval commands' console output
+class Progress:
+    """A transient Rich progress bar of items (rank 0, not quiet); calling it advances by n items. The training
+    loop's (``engine.progress``) counts optimizer steps and prints loss windows; this one counts items only."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.p = RichProgress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), transient=True)
+            self.t = self.p.add_task(label, total=total)
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self.p.__enter__()
+        return self
+
+    def __call__(self, n: int) -> None:
+        if self.enabled:
+            self.p.advance(self.t, n)
+
+    def __exit__(self, *a) -> None:
+        if self.enabled:
+            self.p.__exit__(*a)
+
+
+def print_results(rows: list, title: str) -> None:
+    """A Rich table of metric dicts (fractions shown as percentages)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols: list = []
+    for r in rows:
+        for k in r["metrics"]:
+            if k not in cols:
+                cols.append(k)
+    table = Table(title=title)
+    table.add_column("dataset")
+    for c in cols:
+        table.add_column(c.replace("image_retrieval_recall", "t→i R").replace("text_retrieval_recall", "i→t R")
+                         .replace("mean_per_class_recall", "mean/class").replace("mean_top1_top5", "mean(1,5)"),
+                         justify="right")
+    table.add_column("samples", justify="right")
+    table.add_column("skipped", justify="right")
+    for r in rows:
+        table.add_row(r["dataset"], *[f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in cols],
+                      f"{r['samples']:,}", str(r.get("skipped", 0)))
+    Console().print(table)
+
+
+def finish(out: dict, output: Any, quiet: bool, rank: int, title: str) -> None:
+    """Rank 0: the results printed, then written to ``output``: a write that fails after all (the disk filled
+    since the start) is one line after the results, which are never lost."""
+    if rank != 0:
+        return
+    if not quiet:
+        print_results([out], f"{title}: {out['model']}")
+        if out["skipped"]:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]{out['skipped']} unreadable or incomplete sample(s) skipped[/yellow]")
+    if output:
+        from evaclip_cli import atomic
+
+        try:
+            atomic.write_json(output, out)
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {atomic.cannot(e, output)}") from None
+
+
+def check_output(output: Any) -> None:
+    """An ``--output`` that cannot be written stops before the model is loaded, not after the evaluation."""
+    if output:
+        from evaclip_cli import atomic
+
+        atomic.check_output(output, "file")

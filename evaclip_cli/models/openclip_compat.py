@@ -112,9 +112,8 @@ def integrate() -> None:
 @contextlib.contextmanager
 def gc_paused():
     """The cyclic garbage collector off for a block of imports. torch, torchvision, timm and open_clip create a few
-    hundred thousand long-lived objects and no garbage, and every collection on the way rescans them: pausing it takes
-    about 0.5 s off importing open_clip (measured on 2 cores, 4.5 s -> 4.0 s median of 6). The previous state is
-    restored."""
+    hundred thousand long-lived objects and no garbage, and every collection on the way rescans them. The previous
+    state is restored."""
     import gc
 
     was = gc.isenabled()
@@ -124,6 +123,73 @@ def gc_paused():
     finally:
         if was:
             gc.enable()
+
+
+# ---------------------------------------------------------------------------------------- a lean import, for eval
+#: Packages that open_clip and timm import only if installed, inside ``try/except ImportError``, and that evaluation
+#: never uses: ``wandb`` (timm.utils.summary's optional logging). ``transformers`` is added when the model has no
+#: Hugging Face text tower.
+EVAL_UNUSED = ("wandb",)
+
+
+def folder_config(model: Any, pretrained: Any = None) -> Optional[dict]:
+    """The ``open_clip_config.json`` of an open_clip folder (or of a run folder's ``final/``), read without loading
+    anything; None for any other source."""
+    if pretrained is not None:
+        return None
+    p = Path(model)
+    for d in (p / "final", p):
+        cfg = d / CONFIG_NAME
+        if cfg.is_file():
+            try:
+                got = json.loads(cfg.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return got if isinstance(got, dict) and isinstance(got.get("model_cfg"), dict) else None
+    return None
+
+
+def import_open_clip_lean(model: Any, pretrained: Any = None) -> bool:
+    """Import open_clip for an eval command with less work:
+
+    * without the optional packages evaluation never uses (``EVAL_UNUSED``), and without ``transformers`` when the
+      model is an open_clip folder whose text tower and tokenizer are not Hugging Face ones (no ``hf_*`` key in
+      ``text_cfg``; every EVA-CLIP): open_clip and timm import them inside ``try/except ImportError``, and
+      ``sys.modules[name] = None`` makes that import fail at once. The entries are removed afterwards, so a later
+      ``import wandb`` works as usual;
+    * with the cyclic garbage collector paused (``gc_paused``), and what was imported frozen afterwards
+      (``gc.freeze``), so the collections during the eval loop skip it too.
+
+    Nothing happens when open_clip is imported already (a program that imported ``evaclip_cli`` as a library, or
+    training's periodic eval). True if done."""
+    import gc
+
+    if "open_clip" in sys.modules:
+        return False
+    blocked = [m for m in _unused_by_eval(folder_config(model, pretrained)) if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None  # type: ignore[assignment]  # `import m` raises ImportError
+    try:
+        with gc_paused():
+            import open_clip  # noqa: F401
+    except ImportError:  # another open_clip that needs it: forget the half-import, let the loader import it normally
+        for k in [k for k in sys.modules if k == "open_clip" or k.startswith("open_clip.")]:
+            del sys.modules[k]
+        return False
+    finally:
+        for m in blocked:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+    gc.freeze()  # this process is an eval command: what it imported lives as long as it does
+    return True
+
+
+def _unused_by_eval(cfg: Optional[dict]) -> list[str]:
+    text = cfg["model_cfg"].get("text_cfg", {}) if cfg else None
+    unused = list(EVAL_UNUSED)
+    if isinstance(text, dict) and not any(str(k).startswith("hf_") for k in text):
+        unused.append("transformers")
+    return unused
 
 
 def _open_clip_modules() -> list:
