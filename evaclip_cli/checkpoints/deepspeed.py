@@ -19,7 +19,7 @@ def is_deepspeed_dir(path: Path) -> bool:
     return any(path.glob("*mp_rank_*_model_states.pt"))
 
 
-def _deepspeed_tag_dir(path: Path) -> tuple[Path, Optional[str]]:
+def _deepspeed_tag_dir(path: Path) -> tuple[Path, str]:
     """(checkpoint root, tag) for a DeepSpeed folder given as the root or as one tag folder."""
     if any(path.glob("*mp_rank_*_model_states.pt")):
         return path.parent, path.name
