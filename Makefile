@@ -19,7 +19,7 @@ demo: venv
 	rm -rf runs/demo
 	$(EVACLIP) demo --out runs/demo
 
-# the static checks: the layer contract (imports go down, no cycles), lint + import order, types of the lower layers
+# the static checks: the layer contract (imports go down, no cycles), lint + import order, types of the package
 check: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check evaclip_cli tests bench
