@@ -169,7 +169,8 @@ def test_world_size_change_data_streams_and_pruning(env, tmp_path):
     train(env, ref, *args, "--nproc", "2", "data.samples=64")
     run = tmp_path / "run"
     _resume_copy(ref, run)
-    train(env, run, *args, "--nproc", "1", "--resume", "auto")
+    # the run is extended (data.samples 64 -> 256): a changed recipe, applied as a new segment
+    train(env, run, *args, "--nproc", "1", "--resume", "auto", "--accept-changes")
     ckpts = run / "checkpoints"
     client = torch.load(ckpts / "global_step8" / "mp_rank_00_model_states.pt", weights_only=False,
                         map_location="cpu")

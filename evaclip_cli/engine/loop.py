@@ -333,8 +333,10 @@ class Trainer:
         except Exception as e:
             if not dist.is_peer_failure(e):
                 raise
+            whole = ckpt.list_complete(self.ckpt_dir)
+            where = f"resume from {whole[-1][1]} with --resume auto" if whole else "no checkpoint was written yet"
             raise PeerLost(f"rank {self.info.rank} lost another process of the job at step {self.step + 1} "
-                           f"({type(e).__name__}: {first_line(e, 160)}); {self._last_checkpoint_words()}") from None
+                           f"({type(e).__name__}: {first_line(e, 160)}); {where}") from None
         finally:
             if self.track.jsonl is not None:
                 self.track.jsonl.end(None, ok=True)  # metrics.jsonl complete before the PNG is drawn from it

@@ -23,8 +23,10 @@ SHAPE_KEYS = ("stage", "model.", "deepspeed.zero_stage", "deepspeed.precision", 
 #: prefixes of keys that change what is trained on or how fast: applied only with --accept-changes
 SCHEDULE_KEYS = ("data.", "optimizer.", "schedule.", "tokens.", "seed", "distill.", "video.", "deepspeed.grad_clip",
                  "deepspeed.extra")
-#: prefixes of keys with no bearing on the weights' trajectory (data.workers: the stream is position-exact)
-SILENT_KEYS = ("data.workers", "data.val")
+#: keys with no bearing on the schedule: the stream is position-exact whatever the workers; the micro batch is how
+#: the global batch is split (a resume on another number of processes needs another one), the global batch and
+#: (data.contrastive_batch = "global") the loss stay as they were
+SILENT_KEYS = ("data.workers", "data.val", "data.micro_batch")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -131,4 +131,7 @@ def print_predictions(result: dict, top: int) -> None:
         for rank, pred in enumerate(item["predictions"][:top], start=1):
             table.add_row(item["image"] if rank == 1 else "", str(rank), pred["label"],
                           f"{100 * pred['probability']:.2f}%")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe has no width to fit: paths and labels stay whole
+        console.width = 200
+    console.print(table)
