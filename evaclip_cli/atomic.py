@@ -50,24 +50,14 @@ def default_permissions(path: PathLike) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def _host() -> str:
+def host_label() -> str:
     import socket
 
     return socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
 
 def _tmp_sibling(dst: Path, kind: str = "tmp") -> Path:
-    return dst.parent / f".{dst.name}.{kind}-{_host()}-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return dst.parent / f".{dst.name}.{kind}-{host_label()}-{os.getpid()}"
 
 
 def remove_stale_temporaries(folder: PathLike, notify=None) -> list[Path]:
@@ -82,10 +72,10 @@ def remove_stale_temporaries(folder: PathLike, notify=None) -> list[Path]:
         entries = list(folder.iterdir())
     except OSError:
         return removed
-    host = _host()
+    host = host_label()
     for p in entries:
         m = pattern.match(p.name)
-        if not m or m.group("host") != host or _pid_alive(int(m.group("pid"))):
+        if not m or m.group("host") != host or process_alive(int(m.group("pid"))):
             continue
         try:
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -182,7 +172,7 @@ class AtomicDir:
 ORPHAN_WAIT_S = 30
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
     """A running process (a zombie, ended but not yet reaped, is not: its locks and files are closed)."""
     try:
         os.kill(int(pid), 0)
@@ -229,7 +219,7 @@ class OutputLock:
                 fh.close()
                 # the holder is dead but the lock is not: a process it forked (a data worker) inherited the lock and
                 # is still winding down (a killed rank's workers notice within seconds): wait for it
-                if who.get("host") == _host() and not _alive(who.get("pid")):
+                if who.get("host") == host_label() and not process_alive(who.get("pid")):
                     orphan_deadline = orphan_deadline or time.monotonic() + ORPHAN_WAIT_S
                     if time.monotonic() < orphan_deadline:
                         time.sleep(0.2)
@@ -255,7 +245,8 @@ class OutputLock:
         try:
             fh.seek(0)
             fh.truncate()
-            fh.write(json.dumps({"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            fh.write(json.dumps({"pid": os.getpid(), "host": host_label(), "since": since}))
             fh.flush()
         except OSError:  # a full disk: no lock file left behind
             with contextlib.suppress(OSError):

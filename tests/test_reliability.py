@@ -304,7 +304,7 @@ def test_outputs_get_the_users_umask(tmp_path):
 
 # ---------------------------------------------------------------------------------------- outputs: locks, writes
 def test_a_second_run_into_a_locked_folder_stops_with_the_holders_pid_and_host(env, tmp_path):
-    from evaclip_cli.atomic import _host, run_lock
+    from evaclip_cli.atomic import host_label, run_lock
 
     from helpers.runs import train
 
@@ -314,7 +314,7 @@ def test_a_second_run_into_a_locked_folder_stops_with_the_holders_pid_and_host(e
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"evaclip: error: {run} is in use by another evaclip process (pid {os.getpid()} on "
-                           f"{_host()}"), line
+                           f"{host_label()}"), line
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
@@ -362,7 +362,7 @@ def test_out_that_is_a_file_is_one_line(env, tmp_path):
 
 
 def test_convert_lock_and_stale_temporaries_of_killed_converts(tiny_clip_folder, tmp_path, capsys):
-    from evaclip_cli.atomic import _host, output_lock
+    from evaclip_cli.atomic import host_label, output_lock
 
     from conftest import run_cli
 
@@ -372,10 +372,10 @@ def test_convert_lock_and_stale_temporaries_of_killed_converts(tiny_clip_folder,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{dst} is in use by another evaclip process (pid {os.getpid()}" in err[0]
     # a convert killed mid-write left its temporary folder (a dead PID of this host); the next one removes it
-    stale = tmp_path / f".other.tmp-{_host()}-999999999"
+    stale = tmp_path / f".other.tmp-{host_label()}-999999999"
     stale.mkdir()
     (stale / "open_clip_model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
-    alive = tmp_path / f".busy.tmp-{_host()}-{os.getpid()}"  # a running process's: kept
+    alive = tmp_path / f".busy.tmp-{host_label()}-{os.getpid()}"  # a running process's: kept
     alive.mkdir()
     assert run_cli(["convert", tiny_clip_folder, dst]) == 0
     err = capsys.readouterr().err

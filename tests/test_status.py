@@ -67,9 +67,9 @@ def test_a_lock_left_by_a_dead_process_and_one_held_on_another_host(tmp_path, ca
     run = _fake_run(tmp_path, [_row(1, mfu=0.41)])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from evaclip_cli.engine.status import _this_host
+    from evaclip_cli.atomic import host_label
 
-    (run / ".evaclip.lock").write_text(json.dumps({"pid": dead.pid, "host": _this_host(), "since": "then"}))
+    (run / ".evaclip.lock").write_text(json.dumps({"pid": dead.pid, "host": host_label(), "since": "then"}))
     st = _status(run, capsys)
     assert st["lock"]["alive"] is False and st["state"] == "not running"
     assert st["mfu"] == pytest.approx(0.41)

@@ -12,11 +12,11 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from evaclip_cli import atomic
 from evaclip_cli.engine.events import read_events
 from evaclip_cli.engine.resume import list_complete
 from evaclip_cli.errors import UserError
@@ -72,26 +72,6 @@ def _recipe_steps(recipe: dict) -> Optional[int]:
     return None
 
 
-def _pid_running(pid: int) -> bool:
-    """A process of this host that runs (a zombie has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state != "Z"
-
-
-def _this_host() -> str:
-    """The host name as the lock records it (``atomic._host``: first label, '-' as '_')."""
-    return socket.gethostname().split(".")[0].replace("-", "_") or "host"
-
-
 def lock_holder(run: Path) -> Optional[dict]:
     """Who holds the run folder's lock: {pid, host, since, alive, note}; None when nobody does (a holder removes the
     file when it is done; a killed one leaves it, and its pid is then found dead). ``alive`` is None for a holder on
@@ -103,9 +83,9 @@ def lock_holder(run: Path) -> Optional[dict]:
     if not isinstance(who, dict) or "pid" not in who:
         return None
     out = {"pid": who.get("pid"), "host": who.get("host"), "since": who.get("since")}
-    if who.get("host") != _this_host():
+    if who.get("host") != atomic.host_label():
         out.update(alive=None, note=f"on {who.get('host')}, not checkable from here")
-    elif isinstance(who.get("pid"), int) and _pid_running(who["pid"]):
+    elif isinstance(who.get("pid"), int) and atomic.process_alive(who["pid"]):
         out.update(alive=True, note="running")
     else:
         out.update(alive=False, note="not running (the process ended without releasing the lock file)")
