@@ -137,7 +137,7 @@ def test_dry_run_prints_command(capsys):
 
 
 def test_progress_rate_keeps_two_significant_digits_when_slow():
-    from evaclip_cli.engine.loop import format_rate
+    from evaclip_cli.engine.progress import format_rate
 
     assert [format_rate(x) for x in (0.11, 0.0042, 5.34, 53.2, 12345.6)] == ["0.11", "0.0042", "5.3", "53", "12,346"]
 

@@ -218,14 +218,13 @@ def test_zero3_frozen_parameters_have_no_fp32_partition(env, base, tmp_path):
 def test_a_hub_source_sets_the_model_at_start(tmp_path, monkeypatch):
     """`init.clip = hf-hub:OWNER/NAME` (not a released name): the recipe cannot know the model without fetching it;
     the stage's prepare_recipe fetches it (loopback Hub, huggingface_hub's cache) and takes its model section."""
-    from huggingface_hub import constants
 
     from evaclip_cli.checkpoints.folders import write_open_clip_folder
     from evaclip_cli.models.clip import build_clip
     from evaclip_cli.models.specs import ARCHS
     from evaclip_cli.stages.clip import prepare_recipe
 
-    from helpers.hub_server import HubServer
+    from helpers.hub_server import HubServer, point_hub_at
 
     spec = ARCHS["tiny"].model_copy(deep=True)
     spec.vision.depth, spec.text.layers = 2, 1
@@ -233,14 +232,7 @@ def test_a_hub_source_sets_the_model_at_start(tmp_path, monkeypatch):
     write_open_clip_folder(build_clip(spec).state_dict(), spec, folder)
     with HubServer() as hub:
         hub.create("tester/tiny-clip", files={p.name: p.read_bytes() for p in folder.iterdir()}, lfs=True)
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
+        point_hub_at(hub, tmp_path, monkeypatch)
         recipe = load_recipe("finetune-tiny", ["init.clip=hf-hub:tester/tiny-clip"]).recipe
         assert recipe.spec().vision.depth == 3  # unknown at load time: the recipe's own model
         got = prepare_recipe(recipe).spec()

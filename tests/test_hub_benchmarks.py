@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from helpers.hub_server import HubServer, dataset_id
+from helpers.hub_server import HubServer, dataset_id, point_hub_at
 
 OWNER = "clip-benchmark"
 
@@ -29,7 +29,6 @@ def digits(tmp_path_factory):
 def hub(digits, tmp_path, monkeypatch):
     """The loopback Hub serving CLIP_benchmark-style dataset repos (test and train splits), huggingface_hub in this
     process pointed at it with an empty cache of its own."""
-    from huggingface_hub import constants
 
     with HubServer() as server:
         for name in ("wds_digits", "wds_digits_captions"):
@@ -37,15 +36,7 @@ def hub(digits, tmp_path, monkeypatch):
             files.update({k.replace("test/", "train/", 1): v for k, v in files.items() if k.startswith("test/")})
             files["README.md"] = b"# a CLIP_benchmark export\n"
             server.create(dataset_id(f"{OWNER}/{name}"), files=files, lfs=True)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        point_hub_at(server, tmp_path, monkeypatch)
         monkeypatch.setenv("EVACLIP_CACHE", str(tmp_path / "evaclip_cache"))
         yield server
 

@@ -19,7 +19,7 @@ import evaclip_cli  # noqa: F401
 from evaclip_cli.checkpoints.io import load_state_dict
 
 from conftest import FIXTURES, REFERENCE, run_cli
-from helpers.hub_server import HubServer
+from helpers.hub_server import HubServer, point_hub_at
 
 HF_REF = FIXTURES / "hf_reference"
 BAAI = "BAAI/EVA-CLIP-tiny"  # a BAAI-style repo: HF layout (18b-style fixture) + a big reference .pt beside it
@@ -53,18 +53,8 @@ def hub(tiny_pt):
 @pytest.fixture
 def hf(hub, tmp_path, monkeypatch):
     """huggingface_hub in this process pointed at the loopback server, with an empty cache of its own."""
-    from huggingface_hub import constants
 
-    cache = tmp_path / "hf_cache"
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no stored login
-    hub.cache = cache
+    hub.cache = point_hub_at(hub, tmp_path, monkeypatch)
     return hub
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import evaclip_cli  # noqa: F401
 
 from conftest import run_cli
-from helpers.hub_server import HubServer
+from helpers.hub_server import HubServer, point_hub_at
 
 QS = "QuanSun/EVA-CLIP"
 E_PLUS = "EVA02_CLIP_E_psz14_plus_s9B.pt"
@@ -87,18 +87,9 @@ def _safetensors_bytes(state: dict) -> bytes:
 @pytest.fixture
 def hf(tmp_path, monkeypatch):
     """huggingface_hub in this process pointed at a loopback Hub with an empty cache of its own."""
-    from huggingface_hub import constants
 
     with HubServer() as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
-        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        point_hub_at(hub, tmp_path, monkeypatch)
         yield hub
 
 

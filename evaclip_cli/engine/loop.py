@@ -30,7 +30,7 @@ from evaclip_cli.engine.events import Events
 from evaclip_cli.engine.guard import SkippableStep, SpikeGuard
 from evaclip_cli.engine.memory import MemoryLog, free_training_tensors, summary_line, trim_heap
 from evaclip_cli.engine.params import build_param_groups
-from evaclip_cli.engine.progress import format_rate, make_progress
+from evaclip_cli.engine.progress import make_progress
 from evaclip_cli.engine.stage import Context, ContrastiveStage, Stage
 from evaclip_cli.engine.stopping import GracefulStop
 from evaclip_cli.engine.telemetry import (
@@ -46,7 +46,7 @@ from evaclip_cli.errors import Interrupted, PeerLost, StopRequested, TrainingSto
 if TYPE_CHECKING:
     from evaclip_cli.recipes import Recipe
 
-__all__ = ["run", "format_rate", "plot_curves", "write_recipe", "EVAL_HEADLINES"]
+__all__ = ["run", "plot_curves", "write_recipe", "EVAL_HEADLINES"]
 
 FlopsFor = Callable[[int, str], FlopsModel]  # (world size, device) -> FLOPs per sample and device peak
 RECIPE_HISTORY = "recipe_history"  # RUN/recipe_history/segmentN.toml: the recipe of each segment of a run
@@ -380,9 +380,11 @@ class Trainer:
         if spike:
             self.skip.skip_next()
             self._spike(loss_all)
-        norm = grad_norm_before_step(engine)
+        # the norm is read on logged steps only: reading it waits for the device (and ZeRO-0 fp32 computes it here)
+        logged = (self.step + 1) % max(1, r.logging.log_every) == 0 or self.step + 1 == ctx.total_steps
+        norm = grad_norm_before_step(engine) if logged else None
         engine.step()
-        if norm is None:
+        if logged and norm is None:
             norm = grad_norm_after_step(engine)
         self.mem.mark("step1")  # the optimizer stepped: its moments exist now (kept once)
         self.step += 1

@@ -597,3 +597,21 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Length"] = len(data)
             return self._send(status, b"", headers, head=True)
         return self._send(status, data, headers)
+
+
+def point_hub_at(server: "HubServer", tmp_path, monkeypatch):
+    """huggingface_hub in this process pointed at ``server``, with an empty cache and no stored login of its own
+    (under ``tmp_path``); returns the cache folder."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    return cache

@@ -8,28 +8,7 @@ injected again after the guard rolls the run back.
 """
 import sys
 
-from evaclip_cli.stages.clip import ClipStage
-
-
-def main() -> int:
-    at = {int(s) for s in sys.argv[1].split(",") if s.strip()}
-    factor = float(sys.argv[2])
-    original = ClipStage.loss
-    attempts = 0
-
-    def loss(self, ctx, batch, step):
-        nonlocal attempts
-        value, metrics = original(self, ctx, batch, step)
-        attempts += 1
-        if attempts in at:
-            value = value * factor
-        return value, metrics
-
-    ClipStage.loss = loss
-    from evaclip_cli.cli import main as cli_main
-
-    return cli_main(sys.argv[3:])
-
+from nan_injection import attempts, scaled_loss_cli  # this folder is the script's sys.path[0]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(scaled_loss_cli(attempts(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]))
